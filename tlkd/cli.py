@@ -1,0 +1,93 @@
+"""The `tlkd` command line. Errors print one line on stderr: exit 2 for a config that cannot
+run, 1 for a failure while running, 130 when interrupted."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import typer
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Transfer learning and knowledge distillation for timm image models, from YAML files.",
+)
+
+OVERRIDES = typer.Argument(
+    None, help="Overrides as key.path=value, e.g. train.epochs=3 model.name=resnet18"
+)
+DRY_RUN = typer.Option(
+    False, "--dry-run", help="Validate, build model and data, print the plan; train nothing."
+)
+QUIET = typer.Option(False, "--quiet", "-q", help="Print only errors and the final line.")
+
+
+def _guard(fn: Callable[[], Any]) -> Any:
+    from tlkd.errors import TlkdError
+
+    try:
+        return fn()
+    except TlkdError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise typer.Exit(err.exit_code) from None
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise typer.Exit(130) from None
+
+
+@app.command()
+def finetune(
+    config: str = typer.Argument(..., help="Experiment YAML file."),
+    overrides: list[str] = OVERRIDES,
+    dry_run: bool = DRY_RUN,
+    quiet: bool = QUIET,
+) -> None:
+    """Fine-tune a timm model (transfer learning) as the experiment file says."""
+
+    def run() -> None:
+        from tlkd.config import load_config
+        from tlkd.engine.progress import Reporter
+        from tlkd.recipes.finetune import finetune as run_finetune
+
+        cfg = load_config(config, overrides or [])
+        summary = run_finetune(cfg, dry_run=dry_run, reporter=Reporter(cfg.train.log_every, quiet=quiet))
+        if quiet and summary:
+            print(f"{summary['run_dir']}  best val top-1 {summary['best_val_top1']:.2f}%")
+
+    _guard(run)
+
+
+@app.command()
+def evaluate(
+    target: str = typer.Argument(..., help="A run directory, or an experiment YAML file."),
+    overrides: list[str] = OVERRIDES,
+    no_speed: bool = typer.Option(False, "--no-speed", help="Skip latency/throughput timing."),
+    quiet: bool = QUIET,
+) -> None:
+    """Evaluate a run's best weights (or a config's model) on its val data or data.val=PATH."""
+
+    def run() -> None:
+        from tlkd.engine.progress import Reporter
+        from tlkd.recipes.evaluate import evaluate as run_evaluate
+
+        results = run_evaluate(target, overrides or [], Reporter(quiet=quiet), speed=not no_speed)
+        if quiet:
+            print(f"{results['run_dir']}  top-1 {results['top1']:.2f}%")
+
+    _guard(run)
+
+
+@app.command()
+def version() -> None:
+    """Print the versions of tlkd and its main dependencies."""
+    from tlkd.recipes.common import versions
+
+    for name, v in versions().items():
+        print(f"{name} {v}")
+
+
+def main() -> None:
+    app()

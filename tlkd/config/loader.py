@@ -1,0 +1,187 @@
+"""Load an experiment: YAML (safe_load only) -> `base:` inheritance -> CLI overrides -> schema.
+
+Every failure becomes one :class:`ConfigError` line naming the key; nothing here imports or
+calls code named by a config.
+"""
+
+from __future__ import annotations
+
+import copy
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from tlkd.config.schema import Config
+from tlkd.config.suggest import did_you_mean
+from tlkd.errors import ConfigError
+
+MAX_BASE_DEPTH = 16
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read ``path`` (or start from defaults when None), apply ``key.path=value`` overrides,
+    validate against the schema and return the config with paths made absolute."""
+    raw = read_yaml(Path(path)) if path is not None else {}
+    for text in overrides:
+        apply_override(raw, text)
+    return validate(raw)
+
+
+def validate(raw: dict[str, Any]) -> Config:
+    """Validate a plain dict against the schema; paths come back absolute."""
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as err:
+        raise _to_config_error(err) from None
+    return _absolute_paths(cfg)
+
+
+def resolved_dict(cfg: Config) -> dict[str, Any]:
+    """The config as plain YAML-able data, every default filled in."""
+    return cfg.model_dump(mode="json")
+
+
+def read_yaml(path: Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read one experiment file and merge it over the file its ``base:`` key names."""
+    path = path.expanduser().resolve()
+    if path in _chain:
+        cycle = " -> ".join(p.name for p in (*_chain, path))
+        raise ConfigError("base", f"configs extend each other in a cycle: {cycle}")
+    if len(_chain) >= MAX_BASE_DEPTH:
+        raise ConfigError("base", f"more than {MAX_BASE_DEPTH} levels of base: configs")
+    if not path.is_file():
+        where = f" (named by base: in {_chain[-1]})" if _chain else ""
+        raise ConfigError(None, f"config file not found: {path}{where}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(None, f"{where}: invalid YAML: {problem}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(None, f"{path}: not a UTF-8 text file") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(None, f"{path}: expected a mapping of keys, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base:
+        raise ConfigError("base", f"expected a path to another config file, got {base!r}")
+    parent = read_yaml(path.parent / base, (*_chain, path))
+    return deep_merge(parent, data)
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Mappings merge key by key; any other value (lists included) replaces the base's."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def apply_override(raw: dict[str, Any], text: str) -> None:
+    """Apply one ``key.path=value`` override in place; the value is parsed as YAML and typed
+    later by the schema. Numeric parts index into lists (``distill.losses.0.weight=1``)."""
+    key, sep, value_text = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not p for p in key.split(".")):
+        raise ConfigError(None, f"override {text!r} is not of the form key.path=value")
+    try:
+        value = yaml.safe_load(value_text) if value_text.strip() else None
+    except yaml.YAMLError:
+        value = value_text
+    parts = key.split(".")
+    node: Any = raw
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        where = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(where, f"no item {part} in a list of {len(node)}")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                if node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
+        else:
+            prefix = ".".join(parts[:i])
+            raise ConfigError(key, f"{prefix} is a value ({node!r}), not a section")
+
+
+def _absolute_paths(cfg: Config) -> Config:
+    """Relative paths are relative to the working directory; store them absolute so the saved
+    config reruns from anywhere."""
+    cfg.output_dir = cfg.output_dir.expanduser().resolve()
+    data = cfg.data
+    data.root = data.root.expanduser().resolve()
+    if data.train is not None:
+        data.train = data.train.expanduser().resolve()
+    if data.val is not None:
+        data.val = data.val.expanduser().resolve()
+    if isinstance(cfg.model.pretrained, str):
+        cfg.model.pretrained = str(Path(cfg.model.pretrained).expanduser().resolve())
+    return cfg
+
+
+def _to_config_error(err: ValidationError) -> ConfigError:
+    first = err.errors()[0]
+    loc = [p for p in first["loc"] if not _is_union_tag(p)]
+    key = ".".join(str(p) for p in loc)
+    if first["type"] == "extra_forbidden":
+        hint = did_you_mean(str(loc[-1]), _fields_at(loc[:-1]))
+        return ConfigError(None, f"unknown key '{key}'{hint}")
+    if first["type"] == "missing":
+        return ConfigError(key or None, "required key is missing")
+    msg = first["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    if first["type"] == "model_type":
+        msg = "expected a section (a mapping of keys)"
+    value = first.get("input")
+    if first["type"] not in ("value_error", "assertion_error") and not isinstance(value, dict):
+        shown = repr(value)
+        msg = f"{msg} (got {shown if len(shown) <= 60 else shown[:57] + '...'})"
+    return ConfigError(key or None, msg[0].lower() + msg[1:] if msg else msg)
+
+
+def _is_union_tag(part: Any) -> bool:
+    # pydantic puts the tried union member in the error location ("int", "list[...]", ...)
+    return isinstance(part, str) and (
+        part in {"bool", "int", "float", "str", "none"} or "[" in part or part.startswith("function")
+    )
+
+
+def _fields_at(loc: list[Any]) -> list[str]:
+    """Names of the keys allowed in the section at ``loc``, for did-you-mean."""
+    model: type[BaseModel] | None = Config
+    for part in loc:
+        if isinstance(part, int) or model is None:
+            continue
+        field = model.model_fields.get(str(part))
+        model = _model_in(field.annotation) if field is not None else None
+    return list(model.model_fields) if model is not None else []
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is not None:
+        for arg in typing.get_args(annotation):
+            found = _model_in(arg)
+            if found is not None:
+                return found
+    return None

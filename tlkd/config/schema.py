@@ -1,0 +1,224 @@
+"""The experiment schema: every key an experiment file may hold, with its type and default.
+
+A minimal experiment is a few lines; everything else has a default. Unknown keys are errors
+(``extra="forbid"``) so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    field_validator,
+    model_validator,
+)
+
+from tlkd.data.catalog import DATASET_NAMES
+
+ScalarArg = bool | int | float | str
+
+
+class Section(BaseModel):
+    """Base of every config section: strict about unknown keys, checked on assignment."""
+
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, protected_namespaces=(), coerce_numbers_to_str=True
+    )
+
+
+class HeadConfig(Section):
+    """New layers that replace the model's classifier (the last layer is always a Linear)."""
+
+    hidden: list[PositiveInt] = Field(default_factory=list)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    activation: Literal["relu", "gelu", "silu", "tanh"] = "relu"
+
+
+class ModelConfig(Section):
+    """Which timm model to build, where its weights come from, and what trains."""
+
+    name: str = "resnet18"
+    # true: timm's hub weights; false: random init; a string: weights file or tlkd run dir.
+    pretrained: bool | str = False
+    num_classes: PositiveInt | None = None  # defaults to the data's class count
+    freeze: Literal["none", "backbone"] | list[str] = "none"
+    freeze_bn_stats: bool = True  # BatchNorm layers inside frozen modules keep their statistics
+    unfreeze_after: PositiveInt | None = None  # epochs after which frozen modules train too
+    head: HeadConfig | None = None  # omit for a linear classifier
+    drop_rate: NonNegativeFloat | None = None
+    drop_path_rate: NonNegativeFloat | None = None
+    kwargs: dict[str, ScalarArg | list[ScalarArg]] = Field(default_factory=dict)
+
+    @field_validator("pretrained", mode="before")
+    @classmethod
+    def _pretrained(cls, v: Any) -> Any:
+        if isinstance(v, bool) or (isinstance(v, str) and v.strip()):
+            return v
+        raise ValueError(f"expected true, false, or a path to weights or a run directory, got {v!r}")
+
+    @field_validator("freeze", mode="before")
+    @classmethod
+    def _freeze(cls, v: Any) -> Any:
+        if v is None:
+            return "none"
+        if v in ("none", "backbone"):
+            return v
+        if isinstance(v, str):
+            from tlkd.config.suggest import did_you_mean
+
+            hint = did_you_mean(v, ["none", "backbone"])
+            raise ValueError(f"expected none, backbone, or a list of module names, got {v!r}{hint}")
+        if isinstance(v, list) and all(isinstance(s, str) and s for s in v):
+            return v
+        raise ValueError("expected none, backbone, or a list of module names")
+
+
+class AugmentConfig(Section):
+    """Training augmentation, passed to timm.data.create_transform."""
+
+    crop_mode: Literal["rrc", "rkrc", "rkrr"] = "rrc"  # timm's train_crop_mode
+    scale: tuple[PositiveFloat, PositiveFloat] = (0.08, 1.0)
+    ratio: tuple[PositiveFloat, PositiveFloat] = (3 / 4, 4 / 3)
+    hflip: float = Field(0.5, ge=0.0, le=1.0)
+    vflip: float = Field(0.0, ge=0.0, le=1.0)
+    color_jitter: NonNegativeFloat = 0.4
+    auto_augment: str | None = None  # e.g. "rand-m9-mstd0.5" (timm RandAugment string)
+    re_prob: float = Field(0.0, ge=0.0, le=1.0)  # random erasing
+
+    @model_validator(mode="after")
+    def _ranges(self) -> AugmentConfig:
+        if self.scale[0] > self.scale[1] or self.scale[1] > 1.0:
+            raise ValueError("scale must be [low, high] with low <= high <= 1")
+        return self
+
+
+class DataConfig(Section):
+    """Where images come from and how they are split, subset and transformed."""
+
+    # folder (one sub-folder per class), digits (embedded, the default), or a torchvision name
+    dataset: str | None = None
+    train: Path | None = None
+    val: Path | None = None
+    root: Path = Path("~/.cache/tlkd/datasets")  # torchvision datasets live (or download) here
+    download: bool = False
+    image_size: PositiveInt | None = None  # default: the model's, or 32 for tiny-image datasets
+    crop_pct: float | None = Field(None, gt=0.0, le=1.0)  # eval center-crop fraction
+    interpolation: Literal["bilinear", "bicubic", "nearest"] | None = None
+    classes: list[str] | None = None  # keep only these classes, in this order
+    samples_per_class: PositiveInt | None = None  # few-label training, seeded
+    fraction: float | None = Field(None, gt=0.0, le=1.0)  # or a fraction of each class
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)  # held out of train when there is no val
+    num_workers: NonNegativeInt | None = None  # default: min(4, CPU count)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset(cls, v: str | None) -> str | None:
+        if v is not None and v not in DATASET_NAMES:
+            from tlkd.config.suggest import did_you_mean
+
+            raise ValueError(
+                f"unknown dataset {v!r}{did_you_mean(v, DATASET_NAMES)}; "
+                f"known: {', '.join(DATASET_NAMES)}"
+            )
+        return v
+
+    @field_validator("classes")
+    @classmethod
+    def _classes(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None:
+            if len(v) < 2:
+                raise ValueError("keep at least 2 classes")
+            if len(set(v)) != len(v):
+                raise ValueError("lists a class twice")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DataConfig:
+        if self.samples_per_class is not None and self.fraction is not None:
+            raise ValueError("set samples_per_class or fraction, not both")
+        if self.dataset is None:
+            self.dataset = "folder" if self.train is not None else "digits"
+        if self.dataset == "folder" and self.train is None and self.val is None:
+            raise ValueError("dataset 'folder' needs data.train (an image folder)")
+        if self.dataset != "folder" and (self.train is not None or self.val is not None):
+            raise ValueError(f"dataset {self.dataset!r} has its own splits; drop data.train/val")
+        return self
+
+
+class OptimizerConfig(Section):
+    """Any optimizer timm.optim.create_optimizer_v2 knows (sgd, adamw, lamb, ...)."""
+
+    name: str = "adamw"
+    lr: PositiveFloat = 1e-3
+    weight_decay: NonNegativeFloat = 0.05
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    layer_decay: float | None = Field(None, gt=0.0, le=1.0)  # layer-wise LR decay
+
+
+class SchedulerConfig(Section):
+    """A timm scheduler (create_scheduler_v2), stepped every optimizer update."""
+
+    name: Literal["cosine", "step", "multistep", "poly", "tanh", "none"] = "cosine"
+    warmup_epochs: NonNegativeInt = 0
+    warmup_lr: NonNegativeFloat = 1e-5
+    min_lr: NonNegativeFloat = 0.0
+    decay_epochs: PositiveInt = 30  # step
+    decay_milestones: list[PositiveInt] = Field(default_factory=lambda: [30, 60])  # multistep
+    decay_rate: PositiveFloat = 0.1
+
+
+class TrainConfig(Section):
+    """The training loop shared by every mode."""
+
+    epochs: PositiveInt = 10
+    batch_size: PositiveInt = 64
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    accum_steps: PositiveInt = 1  # gradient accumulation
+    clip_grad: PositiveFloat | None = None  # max gradient norm
+    device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16/fp16 on cuda
+    channels_last: bool = False
+    deterministic: bool = False  # torch.use_deterministic_algorithms
+    log_every: PositiveInt = 50  # steps between plain log lines (when not on a terminal)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        base = v.split(":")[0]
+        if base not in ("auto", "cpu", "cuda", "mps") or (base in ("auto", "cpu") and ":" in v):
+            raise ValueError(f"expected auto, cpu, cuda, cuda:N or mps, got {v!r}")
+        return v
+
+
+class Config(Section):
+    """One experiment: what to build, what to train on, how, and where the run goes."""
+
+    experiment: str = Field("exp", pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+    output_dir: Path = Path("runs")
+    seed: NonNegativeInt = 0
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        if self.model.unfreeze_after is not None:
+            if self.model.freeze == "none":
+                raise ValueError("model.unfreeze_after needs model.freeze (nothing is frozen)")
+            if self.model.unfreeze_after >= self.train.epochs:
+                raise ValueError(
+                    f"model.unfreeze_after ({self.model.unfreeze_after}) must be below "
+                    f"train.epochs ({self.train.epochs})"
+                )
+        return self

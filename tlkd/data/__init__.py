@@ -1,0 +1,1 @@
+"""Datasets, class subsets, few-label selection, transforms and loaders."""

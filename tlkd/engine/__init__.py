@@ -1,0 +1,1 @@
+"""The one training engine: every mode is a model, an objective and this loop."""

@@ -1,0 +1,39 @@
+"""Objectives: what loss a batch gives. Modes differ here, not in the loop."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor  # what is back-propagated
+    logits: torch.Tensor  # the model's class scores, for accuracy
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)  # named loss terms, logged
+
+
+class Objective(nn.Module, ABC):
+    """Computes a batch's loss from the model. Submodules of an objective (e.g. adapters)
+    are trained with the model but are not part of the saved model."""
+
+    @abstractmethod
+    def forward(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> StepOutput:
+        """The loss of one batch."""
+
+
+class Classification(Objective):
+    """Cross-entropy on ground-truth labels (finetune)."""
+
+    def __init__(self, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.label_smoothing = label_smoothing
+
+    def forward(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> StepOutput:
+        logits = model(images)
+        loss = F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
+        return StepOutput(loss, logits)

@@ -1,0 +1,194 @@
+"""The training loop every mode runs: an objective gives each batch's loss, the loop does the
+rest (precision, accumulation, clipping, scheduling, validation, run files)."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from tlkd.config.schema import TrainConfig
+from tlkd.engine.device import autocast
+from tlkd.engine.inference import classification_metrics, predict
+from tlkd.engine.objectives import Objective
+from tlkd.engine.progress import Reporter
+from tlkd.errors import TlkdError
+from tlkd.models.factory import state_dict_for_save
+from tlkd.models.freeze import Freezer
+from tlkd.run.plots import plot_curves
+from tlkd.run.rundir import CURVES, RunDir
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_val_top1: float = -1.0
+    best_epoch: int = 0
+    wall_time_s: float = 0.0
+
+
+class Trainer:
+    """Trains ``model`` on ``objective`` for ``cfg.epochs`` epochs and writes the run files."""
+
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        objective: Objective,
+        freezer: Freezer,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any | None,
+        train_loader: DataLoader,
+        val_loader: DataLoader,
+        device: torch.device,
+        dtype: torch.dtype | None,
+        cfg: TrainConfig,
+        unfreeze_after: int | None,
+        run: RunDir,
+        reporter: Reporter,
+        weights_metadata: dict[str, str],
+        on_epoch_end: Callable[[FitResult], None] | None = None,
+    ) -> None:
+        self.model, self.objective, self.freezer = model, objective, freezer
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.train_loader, self.val_loader = train_loader, val_loader
+        self.device, self.dtype, self.cfg = device, dtype, cfg
+        self.unfreeze_after = unfreeze_after
+        self.run, self.reporter = run, reporter
+        self.weights_metadata = weights_metadata
+        self.on_epoch_end = on_epoch_end
+        self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        self.updates = 0
+        self.result = FitResult()
+
+    @property
+    def updates_per_epoch(self) -> int:
+        return math.ceil(len(self.train_loader) / self.cfg.accum_steps)
+
+    def fit(self, start_epoch: int = 1) -> FitResult:
+        t0 = time.perf_counter() - self.result.wall_time_s
+        try:
+            for epoch in range(start_epoch, self.cfg.epochs + 1):
+                if self.unfreeze_after is not None and epoch == self.unfreeze_after + 1:
+                    self.freezer.set_frozen(False)
+                    self.reporter.print(f"epoch {epoch}: unfreezing {', '.join(self.freezer.prefixes)}")
+                row = self.train_epoch(epoch)
+                self.result.wall_time_s = time.perf_counter() - t0
+                self._end_epoch(epoch, row)
+        finally:
+            self.reporter.close()
+        return self.result
+
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
+        cfg, device = self.cfg, self.device
+        self.freezer.train_mode()
+        self.objective.train()
+        steps = len(self.train_loader)
+        self.reporter.epoch_start(epoch, cfg.epochs, steps)
+        sums: dict[str, float] = defaultdict(float)
+        seen = correct = 0
+        t0 = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        for step, (images, targets) in enumerate(self.train_loader, start=1):
+            images = images.to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
+            if cfg.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with autocast(device, self.dtype):
+                out = self.objective(self.model, images, targets)
+            loss = out.loss
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise TlkdError(f"loss became {loss_value} at epoch {epoch}, step {step}")
+            self.scaler.scale(loss / cfg.accum_steps).backward()
+            if step % cfg.accum_steps == 0 or step == steps:
+                self._optimizer_step()
+            n = targets.shape[0]
+            seen += n
+            sums["train_loss"] += loss_value * n
+            for name, part in out.parts.items():
+                sums[f"train_loss_{name}"] += part.item() * n
+            correct += (out.logits.detach().argmax(1) == targets).sum().item()
+            self.reporter.step(step, seen, sums["train_loss"] / seen, 100.0 * correct / seen)
+        train_time = time.perf_counter() - t0
+        if self.scheduler is not None:
+            self.scheduler.step(epoch)
+        val = classification_metrics(
+            *predict(self.model, self.val_loader, device, self.dtype, cfg.channels_last)
+        )
+        row = {"epoch": epoch}
+        row.update({k: v / max(seen, 1) for k, v in sums.items()})
+        row.update(
+            train_top1=100.0 * correct / max(seen, 1),
+            val_loss=val["loss"],
+            val_top1=val["top1"],
+            val_top5=val["top5"],
+            lr=max(g["lr"] for g in self.optimizer.param_groups),
+            epoch_time_s=time.perf_counter() - t0,
+            train_img_per_s=seen / train_time,
+        )
+        return row
+
+    def _optimizer_step(self) -> None:
+        if self.cfg.clip_grad is not None:
+            self.scaler.unscale_(self.optimizer)
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.updates += 1
+        if self.scheduler is not None:
+            self.scheduler.step_update(num_updates=self.updates)
+
+    def _end_epoch(self, epoch: int, row: dict[str, Any]) -> None:
+        result = self.result
+        result.history.append(row)
+        best = row["val_top1"] > result.best_val_top1
+        if best:
+            result.best_val_top1, result.best_epoch = row["val_top1"], epoch
+            self.run.save_weights(state_dict_for_save(self.model), self.weights_metadata)
+        self.run.write_metrics(result.history)
+        self.run.save_checkpoint(self.checkpoint_state(epoch))
+        plot_curves(result.history, self.run.file(CURVES))
+        self.reporter.epoch_end(row, best)
+        if self.on_epoch_end is not None:
+            self.on_epoch_end(result)
+
+    def checkpoint_state(self, epoch: int) -> dict[str, Any]:
+        """Everything needed to continue after ``epoch``; loadable with weights_only=True."""
+        np_state = np.random.get_state()
+        return {
+            "epoch": epoch,
+            "model": self.model.state_dict(),
+            "objective": self.objective.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict(),
+            "updates": self.updates,
+            "frozen": self.freezer.frozen,
+            "result": {
+                "history": self.result.history,
+                "best_val_top1": self.result.best_val_top1,
+                "best_epoch": self.result.best_epoch,
+                "wall_time_s": self.result.wall_time_s,
+            },
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+                "python": random.getstate(),
+                "loader": self.train_loader.generator.get_state()
+                if self.train_loader.generator is not None
+                else None,
+            },
+        }

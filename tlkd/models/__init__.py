@@ -1,0 +1,1 @@
+"""Models from the timm registry: building, new heads, local weights and freezing."""

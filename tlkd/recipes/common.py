@@ -1,0 +1,252 @@
+"""Building blocks every recipe shares: data, model, optimizer, scheduler, the run directory
+and its summary. A recipe (finetune, distill, ...) picks an objective and calls these."""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import torchvision
+import yaml
+from timm.optim import create_optimizer_v2, list_optimizers
+from timm.scheduler import create_scheduler_v2
+from torch import nn
+
+import tlkd
+from tlkd.config.loader import resolved_dict
+from tlkd.config.schema import Config
+from tlkd.config.suggest import did_you_mean
+from tlkd.data.datasets import Splits, build_splits
+from tlkd.data.pipeline import Loaders, build_loaders, resolve_input
+from tlkd.engine.device import autocast_dtype, resolve_device, seed_everything
+from tlkd.engine.objectives import Objective
+from tlkd.engine.progress import Reporter
+from tlkd.engine.trainer import FitResult, Trainer
+from tlkd.errors import ConfigError
+from tlkd.models.factory import WeightsReport, build_model, count_params
+from tlkd.models.freeze import Freezer
+from tlkd.run.rundir import SUMMARY, RunDir, write_json
+
+
+@dataclass
+class Experiment:
+    """Everything built from a config, before any training."""
+
+    cfg: Config
+    splits: Splits
+    model: nn.Module
+    weights: WeightsReport
+    loaders: Loaders
+    device: torch.device
+    dtype: torch.dtype | None
+
+    @property
+    def classes(self) -> list[str]:
+        return self.splits.classes
+
+
+def build_experiment(cfg: Config, *, for_training: bool = True) -> Experiment:
+    """Validate what needs the file system or timm, then build data and model (no training).
+    Resolved values (image size, classes) are written back into ``cfg``."""
+    seed_everything(cfg.seed, cfg.train.deterministic)
+    if for_training:
+        _check_optimizer(cfg)
+    device = resolve_device(cfg.train.device)
+    dtype = autocast_dtype(cfg.train.precision, device)
+    splits = build_splits(cfg.data, cfg.seed)
+    if cfg.model.num_classes is not None and cfg.model.num_classes != len(splits.classes):
+        raise ConfigError(
+            "model.num_classes",
+            f"is {cfg.model.num_classes} but the data has {len(splits.classes)} classes",
+        )
+    cfg.model.num_classes = len(splits.classes)
+    model, weights = build_model(cfg.model, len(splits.classes), splits.classes)
+    model_cfg = resolve_input(cfg.data, model)
+    model.to(device)
+    if cfg.train.channels_last:
+        model.to(memory_format=torch.channels_last)
+    loaders = build_loaders(cfg, splits, model_cfg, device)
+    return Experiment(cfg, splits, model, weights, loaders, device, dtype)
+
+
+def _check_optimizer(cfg: Config) -> None:
+    name = cfg.train.optimizer.name.lower()
+    known = list_optimizers()
+    if name not in known:
+        raise ConfigError(
+            "train.optimizer.name", f"timm has no optimizer {name!r}{did_you_mean(name, known)}"
+        )
+
+
+def build_optimizer(cfg: Config, model: nn.Module, objective: Objective) -> torch.optim.Optimizer:
+    """timm's optimizer factory over all of the model's parameters (weight-decay groups and
+    layer-wise LR decay from timm), plus the objective's own parameters (e.g. adapters).
+    Built before freezing so a later unfreeze finds its parameters in the optimizer."""
+    opt = cfg.train.optimizer
+    kwargs: dict[str, Any] = {}
+    if opt.name.lower() in ("sgd", "nesterov", "momentum", "rmsprop", "rmsproptf"):
+        kwargs["momentum"] = opt.momentum
+    optimizer = create_optimizer_v2(
+        model,
+        opt=opt.name,
+        lr=opt.lr,
+        weight_decay=opt.weight_decay,
+        layer_decay=opt.layer_decay,
+        **kwargs,
+    )
+    extra = [p for p in objective.parameters() if p.requires_grad]
+    if extra:
+        optimizer.add_param_group({"params": extra, "weight_decay": opt.weight_decay})
+    return optimizer
+
+
+def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, updates_per_epoch: int):
+    s = cfg.train.scheduler
+    if s.name == "none":
+        return None
+    scheduler, _ = create_scheduler_v2(
+        optimizer,
+        sched=s.name,
+        num_epochs=cfg.train.epochs,
+        decay_epochs=s.decay_epochs,
+        decay_milestones=s.decay_milestones,
+        decay_rate=s.decay_rate,
+        min_lr=s.min_lr,
+        warmup_lr=s.warmup_lr,
+        warmup_epochs=s.warmup_epochs,
+        step_on_epochs=False,
+        updates_per_epoch=updates_per_epoch,
+    )
+    return scheduler
+
+
+def versions() -> dict[str, str]:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "timm": timm.__version__,
+        "tlkd": tlkd.__version__,
+    }
+
+
+def plan_lines(exp: Experiment, steps_per_epoch: int, mode: str) -> list[str]:
+    """A short human summary of what the run will do."""
+    cfg, splits = exp.cfg, exp.splits
+    total, trainable = count_params(exp.model)
+    head = (
+        f"MLP {cfg.model.head.hidden} + dropout {cfg.model.head.dropout}"
+        if cfg.model.head is not None else "linear"
+    )
+    freeze = cfg.model.freeze if isinstance(cfg.model.freeze, str) else ", ".join(cfg.model.freeze)
+    unfreeze = f", unfreeze after epoch {cfg.model.unfreeze_after}" if cfg.model.unfreeze_after else ""
+    t = cfg.train
+    return [
+        f"mode        {mode}",
+        f"model       {cfg.model.name}  weights: {exp.weights.source}  head: {head} "
+        f"({exp.weights.head}), {len(exp.classes)} classes",
+        f"parameters  {total:,} total, {trainable:,} trainable, {total - trainable:,} frozen "
+        f"(freeze: {freeze}{unfreeze})",
+        f"data        {cfg.data.dataset}: {len(splits.train):,} train images, "
+        f"{len(splits.val):,} val images ({splits.val_source}), {cfg.data.image_size}px",
+        f"schedule    {t.epochs} epochs x {steps_per_epoch} steps (batch {t.batch_size}"
+        f"{f', accumulate {t.accum_steps}' if t.accum_steps > 1 else ''}) = "
+        f"{t.epochs * steps_per_epoch:,} steps; {t.optimizer.name} lr {t.optimizer.lr:g}, "
+        f"scheduler {t.scheduler.name}",
+        f"device      {exp.device}, precision {exp.dtype or 'fp32'}",
+    ]
+
+
+def write_summary(run: RunDir, exp: Experiment, mode: str, result: FitResult | None,
+                  status: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    total, trainable = count_params(exp.model)
+    history = result.history if result else []
+    summary: dict[str, Any] = {
+        "experiment": exp.cfg.experiment,
+        "mode": mode,
+        "status": status,
+        "run_dir": str(run.path),
+        "model": exp.cfg.model.name,
+        "classes": exp.classes,
+        "num_classes": len(exp.classes),
+        "epochs_done": len(history),
+        "best_val_top1": result.best_val_top1 if result and history else None,
+        "best_epoch": result.best_epoch if result and history else None,
+        "final_val_top1": history[-1]["val_top1"] if history else None,
+        "final_val_top5": history[-1]["val_top5"] if history else None,
+        "params": total,
+        "trainable_params": trainable,
+        "train_images": len(exp.splits.train),
+        "val_images": len(exp.splits.val),
+        "wall_time_s": round(result.wall_time_s, 3) if result else 0.0,
+        "device": str(exp.device),
+        "precision": str(exp.dtype or "fp32").replace("torch.", ""),
+        "weights_source": exp.weights.source,
+        "versions": versions(),
+    }
+    summary.update(extra or {})
+    write_json(run.file(SUMMARY), summary)
+    return summary
+
+
+def train(exp: Experiment, objective: Objective, mode: str, reporter: Reporter,
+          dry_run: bool = False) -> dict[str, Any] | None:
+    """Build the optimizer, print the plan and run the shared loop, writing the run directory."""
+    cfg = exp.cfg
+    objective.to(exp.device)
+    optimizer = build_optimizer(cfg, exp.model, objective)
+    freezer = Freezer(exp.model, cfg.model)
+    steps = len(exp.loaders.train)
+    updates_per_epoch = -(-steps // cfg.train.accum_steps)
+    scheduler = build_scheduler(cfg, optimizer, updates_per_epoch)
+    if dry_run:
+        reporter.print("resolved config:")
+        reporter.print(yaml.safe_dump(resolved_dict(cfg), sort_keys=False).rstrip())
+        reporter.print("")
+        for line in plan_lines(exp, steps, mode):
+            reporter.print(line)
+        reporter.print("dry run: nothing trained, no run directory written")
+        return None
+    run = RunDir.create(cfg.output_dir, cfg.experiment)
+    run.save_config(resolved_dict(cfg))
+    reporter.print(f"run dir     {run.path}")
+    for line in plan_lines(exp, steps, mode):
+        reporter.print(line)
+    write_summary(run, exp, mode, None, "running")
+    trainer = Trainer(
+        model=exp.model,
+        objective=objective,
+        freezer=freezer,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        train_loader=exp.loaders.train,
+        val_loader=exp.loaders.val,
+        device=exp.device,
+        dtype=exp.dtype,
+        cfg=cfg.train,
+        unfreeze_after=cfg.model.unfreeze_after,
+        run=run,
+        reporter=reporter,
+        weights_metadata={
+            "format": "pt",
+            "tlkd_model": cfg.model.name,
+            "tlkd_num_classes": str(len(exp.classes)),
+        },
+        on_epoch_end=lambda r: write_summary(run, exp, mode, r, "running"),
+    )
+    result = trainer.fit()
+    summary = write_summary(run, exp, mode, result, "finished")
+    reporter.print(
+        f"done: best val top-1 {summary['best_val_top1']:.2f}% (epoch {summary['best_epoch']}), "
+        f"final {summary['final_val_top1']:.2f}%, {summary['wall_time_s']:.1f}s"
+    )
+    reporter.print(f"run dir: {run.path}")
+    return summary
+
+
+def run_path(path: str | Path) -> Path:
+    return Path(path).expanduser().resolve()

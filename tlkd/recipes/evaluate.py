@@ -1,0 +1,169 @@
+"""evaluate: accuracy, per-class accuracy, confusion, calibration, size and speed of a model."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tlkd.config.loader import load_config, resolved_dict
+from tlkd.engine.device import autocast
+from tlkd.engine.inference import predict, topk_accuracy
+from tlkd.engine.progress import Reporter
+from tlkd.errors import ConfigError
+from tlkd.models.factory import count_params
+from tlkd.recipes.common import build_experiment, versions
+from tlkd.run.plots import plot_confusion
+from tlkd.run.rundir import CONFIG, EVAL, WEIGHTS, RunDir, write_json
+
+CONFUSION = "confusion.png"
+
+
+def expected_calibration_error(probs: torch.Tensor, targets: torch.Tensor, bins: int = 15) -> float:
+    """ECE in percent: |accuracy - confidence| per equal-width confidence bin, weighted by the
+    bin's share of samples (Guo et al. 2017)."""
+    confidence, predicted = probs.max(dim=1)
+    correct = (predicted == targets).float()
+    edges = torch.linspace(0, 1, bins + 1)
+    ece = torch.zeros(())
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        in_bin = (confidence > lo) & (confidence <= hi)
+        if in_bin.any():
+            gap = (correct[in_bin].mean() - confidence[in_bin].mean()).abs()
+            ece += gap * in_bin.float().mean()
+    return 100.0 * ece.item()
+
+
+def confusion_matrix(predicted: torch.Tensor, targets: torch.Tensor, n: int) -> torch.Tensor:
+    """Counts, rows = true class, columns = predicted class."""
+    return torch.bincount(targets * n + predicted, minlength=n * n).reshape(n, n)
+
+
+@torch.inference_mode()
+def measure_speed(
+    model: nn.Module, image_size: int, batch_size: int, device: torch.device,
+    dtype: torch.dtype | None, channels_last: bool = False,
+    latency_runs: int = 30, throughput_runs: int = 5,
+) -> dict[str, float]:
+    """Median latency at batch 1 (ms per image) and throughput at ``batch_size`` (images/s)
+    on random input, after warm-up."""
+    model.eval()
+
+    def timed(batch: int, runs: int) -> list[float]:
+        x = torch.randn(batch, 3, image_size, image_size, device=device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        times = []
+        for i in range(runs + 3):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with autocast(device, dtype):
+                model(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= 3:  # warm-up runs are not timed
+                times.append(time.perf_counter() - t0)
+        return times
+
+    latency = statistics.median(timed(1, latency_runs)) * 1000
+    throughput = batch_size / statistics.median(timed(batch_size, throughput_runs))
+    return {"latency_ms": latency, "throughput_img_per_s": throughput}
+
+
+def evaluate(target: str | Path, overrides: list[str] | tuple[str, ...] = (),
+             reporter: Reporter | None = None, speed: bool = True) -> dict[str, Any]:
+    """Evaluate a run directory's best weights, or the model a config file names, on the val
+    data (or ``data.val=...``); writes eval.json and confusion.png and returns the results."""
+    path = Path(target).expanduser().resolve()
+    overrides = list(overrides)
+    if path.is_dir():
+        if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
+            raise ConfigError(None, f"{path} is not a tlkd run directory (needs {CONFIG} and {WEIGHTS})")
+        if any(o.startswith("data.val=") for o in overrides):
+            overrides = ["data.dataset=folder", "data.train=null", *overrides]
+        cfg = load_config(path / CONFIG, [*overrides, f"model.pretrained={path}"])
+        run = RunDir(path)
+    elif path.is_file():
+        cfg = load_config(path, overrides)
+        run = None
+    else:
+        raise ConfigError(None, f"no such run directory or config file: {path}")
+    exp = build_experiment(cfg, for_training=False)
+    if run is not None and exp.weights.head != "loaded":
+        raise ConfigError(
+            "data", "the evaluation data's classes differ from those the run was trained on"
+        )
+    reporter = reporter or Reporter(cfg.train.log_every)
+    logits, targets = predict(exp.model, exp.loaders.val, exp.device, exp.dtype,
+                              cfg.train.channels_last)
+    n = len(exp.classes)
+    probs = logits.softmax(dim=1)
+    predicted = logits.argmax(dim=1)
+    matrix = confusion_matrix(predicted, targets, n)
+    per_class_total = matrix.sum(dim=1)
+    per_class = {
+        c: (100.0 * matrix[i, i].item() / per_class_total[i].item()) if per_class_total[i] else None
+        for i, c in enumerate(exp.classes)
+    }
+    total, trainable = count_params(exp.model)
+    results: dict[str, Any] = {
+        "target": str(path),
+        "model": cfg.model.name,
+        "weights": exp.weights.source,
+        "images": len(targets),
+        "top1": topk_accuracy(logits, targets, 1),
+        "top5": topk_accuracy(logits, targets, 5),
+        "loss": F.cross_entropy(logits, targets).item(),
+        "ece": expected_calibration_error(probs, targets),
+        "per_class_top1": per_class,
+        "confusion": matrix.tolist(),
+        "classes": exp.classes,
+        "params": total,
+        "trainable_params": trainable,
+        "image_size": cfg.data.image_size,
+        "batch_size": cfg.train.batch_size,
+        "device": str(exp.device),
+        "versions": versions(),
+    }
+    if speed:
+        results.update(measure_speed(exp.model, cfg.data.image_size, cfg.train.batch_size,
+                                     exp.device, exp.dtype, cfg.train.channels_last))
+    if run is None:
+        run = RunDir.create(cfg.output_dir, f"{cfg.experiment}-eval")
+        run.save_config(resolved_dict(cfg))
+    write_json(run.file(EVAL), results)
+    plot_confusion(results["confusion"], exp.classes, run.file(CONFUSION))
+    results["run_dir"] = str(run.path)
+    _print_table(results, reporter)
+    return results
+
+
+def _print_table(r: dict[str, Any], reporter: Reporter) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{r['model']} on {r['images']:,} images", show_header=False)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    rows = [
+        ("top-1", f"{r['top1']:.2f}%"), ("top-5", f"{r['top5']:.2f}%"),
+        ("loss", f"{r['loss']:.4f}"), ("ECE", f"{r['ece']:.2f}%"),
+        ("parameters", f"{r['params']:,}"),
+    ]
+    if "latency_ms" in r:
+        rows += [("latency (batch 1)", f"{r['latency_ms']:.2f} ms/image"),
+                 (f"throughput (batch {r['batch_size']})",
+                  f"{r['throughput_img_per_s']:.0f} images/s")]
+    for name, value in rows:
+        table.add_row(name, value)
+    for name, acc in r["per_class_top1"].items():
+        table.add_row(f"  class {name}", "-" if acc is None else f"{acc:.1f}%")
+    if reporter.quiet:
+        return
+    reporter.console.print(table)
+    reporter.print(f"wrote {Path(r['run_dir']) / EVAL}")

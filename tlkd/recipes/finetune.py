@@ -1,0 +1,22 @@
+"""finetune: a (pretrained) timm model, a new head, some layers frozen, trained on labels."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tlkd.config.schema import Config
+from tlkd.engine.objectives import Classification
+from tlkd.engine.progress import Reporter
+from tlkd.errors import ConfigError
+from tlkd.recipes.common import build_experiment, train
+
+
+def finetune(cfg: Config, *, dry_run: bool = False, reporter: Reporter | None = None) -> dict[str, Any] | None:
+    """Train as ``cfg`` says; returns the run's summary (None for a dry run)."""
+    if cfg.data.dataset == "folder" and cfg.data.train is None:
+        raise ConfigError("data.train", "is required to train (an image folder)")
+    reporter = reporter or Reporter(cfg.train.log_every)
+    exp = build_experiment(cfg)
+    if len(exp.splits.train) == 0:
+        raise ConfigError("data", "no training images left after subsetting")
+    return train(exp, Classification(cfg.train.label_smoothing), "finetune", reporter, dry_run)

@@ -1,0 +1,1 @@
+"""Run directories: atomic files, metrics, weights, checkpoints and plots."""

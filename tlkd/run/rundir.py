@@ -1,0 +1,96 @@
+"""The run directory: where a run's config, metrics, weights and checkpoints live.
+
+Every file is written atomically (temporary file in the same folder, fsync, rename), so a run
+killed at any moment leaves each file either complete and old or complete and new.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+import yaml
+from safetensors.torch import save as safetensors_bytes
+
+CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+WEIGHTS = "model.safetensors"
+CHECKPOINT = "checkpoint.pt"
+CURVES = "curves.png"
+EVAL = "eval.json"
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write ``path`` through ``write(file)`` into a temp file, fsync, then rename over it."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+class RunDir:
+    """A run's folder. :meth:`create` never reuses a folder: ``name``, then ``name-2``, ..."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @classmethod
+    def create(cls, output_dir: Path, name: str) -> RunDir:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        for n in range(1, 100_000):
+            path = output_dir / (name if n == 1 else f"{name}-{n}")
+            try:
+                path.mkdir()  # atomic: two runs racing for a name get different folders
+            except FileExistsError:
+                continue
+            return cls(path)
+        raise RuntimeError(f"no free run directory name for {name} in {output_dir}")
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def save_config(self, data: dict[str, Any]) -> None:
+        write_text(self.file(CONFIG), yaml.safe_dump(data, sort_keys=False))
+
+    def write_metrics(self, history: list[dict[str, Any]]) -> None:
+        """Rewrite metrics.jsonl, one JSON object per epoch, atomically."""
+        write_text(self.file(METRICS), "".join(json.dumps(r) + "\n" for r in history))
+
+    def save_weights(self, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+        atomic_write(self.file(WEIGHTS), lambda f: f.write(safetensors_bytes(state, metadata)))
+
+    def save_checkpoint(self, state: dict[str, Any]) -> None:
+        atomic_write(self.file(CHECKPOINT), lambda f: torch.save(state, f))
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    file = path / METRICS
+    if not file.is_file():
+        return []
+    return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+
