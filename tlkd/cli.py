@@ -53,7 +53,9 @@ def finetune(
         from tlkd.recipes.finetune import finetune as run_finetune
 
         cfg = load_config(config, overrides or [])
-        summary = run_finetune(cfg, dry_run=dry_run, reporter=Reporter(cfg.train.log_every, quiet=quiet))
+        summary = run_finetune(
+            cfg, dry_run=dry_run, reporter=Reporter(cfg.train.log_every, quiet=quiet)
+        )
         if quiet and summary:
             print(f"{summary['run_dir']}  best val top-1 {summary['best_val_top1']:.2f}%")
 

@@ -161,7 +161,9 @@ def _to_config_error(err: ValidationError) -> ConfigError:
 def _is_union_tag(part: Any) -> bool:
     # pydantic puts the tried union member in the error location ("int", "list[...]", ...)
     return isinstance(part, str) and (
-        part in {"bool", "int", "float", "str", "none"} or "[" in part or part.startswith("function")
+        part in {"bool", "int", "float", "str", "none"}
+        or "[" in part
+        or part.startswith("function")
     )
 
 

@@ -30,7 +30,10 @@ class Section(BaseModel):
     """Base of every config section: strict about unknown keys, checked on assignment."""
 
     model_config = ConfigDict(
-        extra="forbid", validate_assignment=True, protected_namespaces=(), coerce_numbers_to_str=True
+        extra="forbid",
+        validate_assignment=True,
+        protected_namespaces=(),
+        coerce_numbers_to_str=True,
     )
 
 
@@ -62,7 +65,9 @@ class ModelConfig(Section):
     def _pretrained(cls, v: Any) -> Any:
         if isinstance(v, bool) or (isinstance(v, str) and v.strip()):
             return v
-        raise ValueError(f"expected true, false, or a path to weights or a run directory, got {v!r}")
+        raise ValueError(
+            f"expected true, false, or a path to weights or a run directory, got {v!r}"
+        )
 
     @field_validator("freeze", mode="before")
     @classmethod

@@ -46,8 +46,11 @@ class LabeledImages(Dataset):
     def view(self, indices: Sequence[int]) -> LabeledImages:
         """A sub-view by positions within this view."""
         return LabeledImages(
-            self.base, self._base_targets, self.classes,
-            [self.indices[i] for i in indices], self.label_map,
+            self.base,
+            self._base_targets,
+            self.classes,
+            [self.indices[i] for i in indices],
+            self.label_map,
         )
 
     def __len__(self) -> int:

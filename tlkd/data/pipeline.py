@@ -82,9 +82,7 @@ def default_workers() -> int:
     return min(4, os.cpu_count() or 1)
 
 
-def build_loaders(
-    cfg: Config, splits: Splits, model_cfg: dict, device: torch.device
-) -> Loaders:
+def build_loaders(cfg: Config, splits: Splits, model_cfg: dict, device: torch.device) -> Loaders:
     train_tf, eval_tf = build_transforms(cfg.data, model_cfg)
     workers = cfg.data.num_workers if cfg.data.num_workers is not None else default_workers()
     common = dict(

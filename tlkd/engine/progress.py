@@ -59,8 +59,11 @@ class Reporter:
         if self._progress is not None:
             self._progress.update(self._task, completed=step, stats=stats)
         elif not self.quiet and (step % self.log_every == 0 or step == self._steps):
-            print(f"epoch {self._epoch}/{self._epochs} step {step}/{self._steps}  {stats}",
-                  file=sys.stdout, flush=True)
+            print(
+                f"epoch {self._epoch}/{self._epochs} step {step}/{self._steps}  {stats}",
+                file=sys.stdout,
+                flush=True,
+            )
 
     def epoch_end(self, row: dict, best: bool) -> None:
         if self._progress is not None:
@@ -68,7 +71,8 @@ class Reporter:
             self._progress = None
         parts = "".join(
             f"  {k.removeprefix('train_loss_')} {v:.4f}"
-            for k, v in row.items() if k.startswith("train_loss_")
+            for k, v in row.items()
+            if k.startswith("train_loss_")
         )
         self.print(
             f"epoch {row['epoch']}/{self._epochs}  train_loss {row['train_loss']:.4f}{parts}  "

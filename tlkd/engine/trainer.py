@@ -80,7 +80,9 @@ class Trainer:
             for epoch in range(start_epoch, self.cfg.epochs + 1):
                 if self.unfreeze_after is not None and epoch == self.unfreeze_after + 1:
                     self.freezer.set_frozen(False)
-                    self.reporter.print(f"epoch {epoch}: unfreezing {', '.join(self.freezer.prefixes)}")
+                    self.reporter.print(
+                        f"epoch {epoch}: unfreezing {', '.join(self.freezer.prefixes)}"
+                    )
                 row = self.train_epoch(epoch)
                 self.result.wall_time_s = time.perf_counter() - t0
                 self._end_epoch(epoch, row)

@@ -51,7 +51,9 @@ def weights_file(path: str | Path) -> Path:
     return path
 
 
-def build_model(cfg: ModelConfig, num_classes: int, classes: list[str]) -> tuple[nn.Module, WeightsReport]:
+def build_model(
+    cfg: ModelConfig, num_classes: int, classes: list[str]
+) -> tuple[nn.Module, WeightsReport]:
     """Create ``cfg.name`` with a classifier for ``num_classes`` and load its weights."""
     check_model_name(cfg.name)
     kwargs = dict(cfg.kwargs)
@@ -108,7 +110,8 @@ def load_weights(model: nn.Module, path: Path, classes: list[str] | None = None)
             continue
         if key not in own:
             raise ConfigError(
-                "model.pretrained", f"{path.name} has {key!r}, which the model lacks (other architecture?)"
+                "model.pretrained",
+                f"{path.name} has {key!r}, which the model lacks (other architecture?)",
             )
         if own[key].shape != value.shape:
             raise ConfigError(
@@ -119,13 +122,17 @@ def load_weights(model: nn.Module, path: Path, classes: list[str] | None = None)
         keep[key] = value
     head_state = {k: v for k, v in state.items() if is_head(k)}
     own_head = {k: v for k, v in own.items() if is_head(k)}
-    if head_loaded and head_state.keys() == own_head.keys() and all(
-        head_state[k].shape == own_head[k].shape for k in head_state
+    if (
+        head_loaded
+        and head_state.keys() == own_head.keys()
+        and all(head_state[k].shape == own_head[k].shape for k in head_state)
     ):
         keep.update(head_state)
     else:
         head_loaded = False
-    missing = [k for k in own if k not in keep and not is_head(k) and "num_batches_tracked" not in k]
+    missing = [
+        k for k in own if k not in keep and not is_head(k) and "num_batches_tracked" not in k
+    ]
     if missing:
         raise ConfigError(
             "model.pretrained",

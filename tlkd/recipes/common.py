@@ -140,10 +140,13 @@ def plan_lines(exp: Experiment, steps_per_epoch: int, mode: str) -> list[str]:
     total, trainable = count_params(exp.model)
     head = (
         f"MLP {cfg.model.head.hidden} + dropout {cfg.model.head.dropout}"
-        if cfg.model.head is not None else "linear"
+        if cfg.model.head is not None
+        else "linear"
     )
     freeze = cfg.model.freeze if isinstance(cfg.model.freeze, str) else ", ".join(cfg.model.freeze)
-    unfreeze = f", unfreeze after epoch {cfg.model.unfreeze_after}" if cfg.model.unfreeze_after else ""
+    unfreeze = (
+        f", unfreeze after epoch {cfg.model.unfreeze_after}" if cfg.model.unfreeze_after else ""
+    )
     t = cfg.train
     return [
         f"mode        {mode}",
@@ -161,8 +164,14 @@ def plan_lines(exp: Experiment, steps_per_epoch: int, mode: str) -> list[str]:
     ]
 
 
-def write_summary(run: RunDir, exp: Experiment, mode: str, result: FitResult | None,
-                  status: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def write_summary(
+    run: RunDir,
+    exp: Experiment,
+    mode: str,
+    result: FitResult | None,
+    status: str,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     total, trainable = count_params(exp.model)
     history = result.history if result else []
     summary: dict[str, Any] = {
@@ -193,8 +202,9 @@ def write_summary(run: RunDir, exp: Experiment, mode: str, result: FitResult | N
     return summary
 
 
-def train(exp: Experiment, objective: Objective, mode: str, reporter: Reporter,
-          dry_run: bool = False) -> dict[str, Any] | None:
+def train(
+    exp: Experiment, objective: Objective, mode: str, reporter: Reporter, dry_run: bool = False
+) -> dict[str, Any] | None:
     """Build the optimizer, print the plan and run the shared loop, writing the run directory."""
     cfg = exp.cfg
     objective.to(exp.device)

@@ -31,7 +31,7 @@ def expected_calibration_error(probs: torch.Tensor, targets: torch.Tensor, bins:
     correct = (predicted == targets).float()
     edges = torch.linspace(0, 1, bins + 1)
     ece = torch.zeros(())
-    for lo, hi in zip(edges[:-1], edges[1:]):
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
         in_bin = (confidence > lo) & (confidence <= hi)
         if in_bin.any():
             gap = (correct[in_bin].mean() - confidence[in_bin].mean()).abs()
@@ -46,9 +46,14 @@ def confusion_matrix(predicted: torch.Tensor, targets: torch.Tensor, n: int) -> 
 
 @torch.inference_mode()
 def measure_speed(
-    model: nn.Module, image_size: int, batch_size: int, device: torch.device,
-    dtype: torch.dtype | None, channels_last: bool = False,
-    latency_runs: int = 30, throughput_runs: int = 5,
+    model: nn.Module,
+    image_size: int,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    channels_last: bool = False,
+    latency_runs: int = 30,
+    throughput_runs: int = 5,
 ) -> dict[str, float]:
     """Median latency at batch 1 (ms per image) and throughput at ``batch_size`` (images/s)
     on random input, after warm-up."""
@@ -76,15 +81,21 @@ def measure_speed(
     return {"latency_ms": latency, "throughput_img_per_s": throughput}
 
 
-def evaluate(target: str | Path, overrides: list[str] | tuple[str, ...] = (),
-             reporter: Reporter | None = None, speed: bool = True) -> dict[str, Any]:
+def evaluate(
+    target: str | Path,
+    overrides: list[str] | tuple[str, ...] = (),
+    reporter: Reporter | None = None,
+    speed: bool = True,
+) -> dict[str, Any]:
     """Evaluate a run directory's best weights, or the model a config file names, on the val
     data (or ``data.val=...``); writes eval.json and confusion.png and returns the results."""
     path = Path(target).expanduser().resolve()
     overrides = list(overrides)
     if path.is_dir():
         if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
-            raise ConfigError(None, f"{path} is not a tlkd run directory (needs {CONFIG} and {WEIGHTS})")
+            raise ConfigError(
+                None, f"{path} is not a tlkd run directory (needs {CONFIG} and {WEIGHTS})"
+            )
         if any(o.startswith("data.val=") for o in overrides):
             overrides = ["data.dataset=folder", "data.train=null", *overrides]
         cfg = load_config(path / CONFIG, [*overrides, f"model.pretrained={path}"])
@@ -100,8 +111,9 @@ def evaluate(target: str | Path, overrides: list[str] | tuple[str, ...] = (),
             "data", "the evaluation data's classes differ from those the run was trained on"
         )
     reporter = reporter or Reporter(cfg.train.log_every)
-    logits, targets = predict(exp.model, exp.loaders.val, exp.device, exp.dtype,
-                              cfg.train.channels_last)
+    logits, targets = predict(
+        exp.model, exp.loaders.val, exp.device, exp.dtype, cfg.train.channels_last
+    )
     n = len(exp.classes)
     probs = logits.softmax(dim=1)
     predicted = logits.argmax(dim=1)
@@ -132,8 +144,16 @@ def evaluate(target: str | Path, overrides: list[str] | tuple[str, ...] = (),
         "versions": versions(),
     }
     if speed:
-        results.update(measure_speed(exp.model, cfg.data.image_size, cfg.train.batch_size,
-                                     exp.device, exp.dtype, cfg.train.channels_last))
+        results.update(
+            measure_speed(
+                exp.model,
+                cfg.data.image_size,
+                cfg.train.batch_size,
+                exp.device,
+                exp.dtype,
+                cfg.train.channels_last,
+            )
+        )
     if run is None:
         run = RunDir.create(cfg.output_dir, f"{cfg.experiment}-eval")
         run.save_config(resolved_dict(cfg))
@@ -151,14 +171,17 @@ def _print_table(r: dict[str, Any], reporter: Reporter) -> None:
     table.add_column(style="bold")
     table.add_column(justify="right")
     rows = [
-        ("top-1", f"{r['top1']:.2f}%"), ("top-5", f"{r['top5']:.2f}%"),
-        ("loss", f"{r['loss']:.4f}"), ("ECE", f"{r['ece']:.2f}%"),
+        ("top-1", f"{r['top1']:.2f}%"),
+        ("top-5", f"{r['top5']:.2f}%"),
+        ("loss", f"{r['loss']:.4f}"),
+        ("ECE", f"{r['ece']:.2f}%"),
         ("parameters", f"{r['params']:,}"),
     ]
     if "latency_ms" in r:
-        rows += [("latency (batch 1)", f"{r['latency_ms']:.2f} ms/image"),
-                 (f"throughput (batch {r['batch_size']})",
-                  f"{r['throughput_img_per_s']:.0f} images/s")]
+        rows += [
+            ("latency (batch 1)", f"{r['latency_ms']:.2f} ms/image"),
+            (f"throughput (batch {r['batch_size']})", f"{r['throughput_img_per_s']:.0f} images/s"),
+        ]
     for name, value in rows:
         table.add_row(name, value)
     for name, acc in r["per_class_top1"].items():

@@ -11,7 +11,9 @@ from tlkd.errors import ConfigError
 from tlkd.recipes.common import build_experiment, train
 
 
-def finetune(cfg: Config, *, dry_run: bool = False, reporter: Reporter | None = None) -> dict[str, Any] | None:
+def finetune(
+    cfg: Config, *, dry_run: bool = False, reporter: Reporter | None = None
+) -> dict[str, Any] | None:
     """Train as ``cfg`` says; returns the run's summary (None for a dry run)."""
     if cfg.data.dataset == "folder" and cfg.data.train is None:
         raise ConfigError("data.train", "is required to train (an image folder)")

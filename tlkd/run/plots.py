@@ -59,7 +59,14 @@ def plot_confusion(matrix: list[list[int]], classes: list[str], path: Path) -> N
         for i in range(n):
             for j in range(n):
                 v = matrix[i][j]
-                ax.text(j, i, v, ha="center", va="center", fontsize=8,
-                        color="white" if v > peak / 2 else "black")
+                ax.text(
+                    j,
+                    i,
+                    v,
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if v > peak / 2 else "black",
+                )
     _save(fig, path)
     plt.close(fig)

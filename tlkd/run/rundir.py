@@ -93,4 +93,3 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     if not file.is_file():
         return []
     return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
-
