@@ -101,7 +101,9 @@ def build_splits(cfg: DataConfig, seed: int) -> Splits:
         val = None if val is None else _keep_classes(val, cfg.classes)
         classes = list(cfg.classes)
     rng = np.random.default_rng(seed)
-    val_source = "data.val" if cfg.dataset == "folder" else f"{cfg.dataset} test split"
+    val_source = {"folder": "data.val", "digits": "embedded val split"}.get(
+        cfg.dataset, f"{cfg.dataset} test split"
+    )
     if val is None:
         train, val = _split(train, cfg.val_fraction, rng)
         val_source = f"{cfg.val_fraction:g} of train, held out (seed {seed})"

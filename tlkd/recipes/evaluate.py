@@ -98,7 +98,8 @@ def evaluate(
             )
         if any(o.startswith("data.val=") for o in overrides):
             overrides = ["data.dataset=folder", "data.train=null", *overrides]
-        cfg = load_config(path / CONFIG, [*overrides, f"model.pretrained={path}"])
+        cfg = load_config(path / CONFIG, overrides)
+        cfg.model.pretrained = str(path)  # the run's own best weights
         run = RunDir(path)
     elif path.is_file():
         cfg = load_config(path, overrides)
