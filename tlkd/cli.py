@@ -46,20 +46,38 @@ def finetune(
     quiet: bool = QUIET,
 ) -> None:
     """Fine-tune a timm model (transfer learning) as the experiment file says."""
+    _train_command("finetune", config, overrides, dry_run, quiet)
 
+
+def _train_command(
+    mode: str, config: str, overrides: list[str] | None, dry_run: bool, quiet: bool
+) -> None:
     def run() -> None:
         from tlkd.config import load_config
         from tlkd.engine.progress import Reporter
-        from tlkd.recipes.finetune import finetune as run_finetune
 
+        if mode == "distill":
+            from tlkd.recipes.distill import distill as recipe
+        else:
+            from tlkd.recipes.finetune import finetune as recipe
         cfg = load_config(config, overrides or [])
-        summary = run_finetune(
-            cfg, dry_run=dry_run, reporter=Reporter(cfg.train.log_every, quiet=quiet)
-        )
+        reporter = Reporter(cfg.train.log_every, quiet=quiet)
+        summary = recipe(cfg, dry_run=dry_run, reporter=reporter)
         if quiet and summary:
             print(f"{summary['run_dir']}  best val top-1 {summary['best_val_top1']:.2f}%")
 
     _guard(run)
+
+
+@app.command()
+def distill(
+    config: str = typer.Argument(..., help="Experiment YAML file with teacher(s) and losses."),
+    overrides: list[str] = OVERRIDES,
+    dry_run: bool = DRY_RUN,
+    quiet: bool = QUIET,
+) -> None:
+    """Distil one or more frozen teachers into the student the experiment file names."""
+    _train_command("distill", config, overrides, dry_run, quiet)
 
 
 @app.command()

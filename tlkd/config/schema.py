@@ -7,7 +7,7 @@ A minimal experiment is a few lines; everything else has a default. Unknown keys
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -206,6 +206,98 @@ class TrainConfig(Section):
         return v
 
 
+class TeacherConfig(Section):
+    """A frozen model whose outputs teach the student."""
+
+    name: str
+    # true: timm's hub weights; a weights file; or a tlkd run directory (its head and classes)
+    pretrained: bool | str = True
+    weight: PositiveFloat = 1.0  # share in the averaged soft targets of several teachers
+    train_bn: bool = False  # BatchNorm in train mode (batch statistics) instead of eval mode
+    kwargs: dict[str, ScalarArg | list[ScalarArg]] = Field(default_factory=dict)
+
+    @field_validator("pretrained", mode="before")
+    @classmethod
+    def _pretrained(cls, v: Any) -> Any:
+        return ModelConfig._pretrained(v)
+
+
+LayerSpec = NonNegativeInt | str  # a feature_info stage index, or a module name
+
+
+class LossConfig(Section):
+    """One weighted term of the distillation objective."""
+
+    type: Literal["kd", "hard", "ce", "fitnet", "at", "dkd", "dist"]
+    weight: NonNegativeFloat = 1.0
+    teacher: NonNegativeInt | None = None  # which teacher; default: all, averaged (logit losses)
+    # type-specific settings: None where they do not apply; the defaults below fill the rest
+    temperature: PositiveFloat | None = None  # kd, dkd: 4; dist: 1
+    label_smoothing: float | None = Field(None, ge=0.0, lt=1.0)  # ce: 0
+    alpha: NonNegativeFloat | None = None  # dkd: target-class term, 1
+    beta: NonNegativeFloat | None = None  # dkd: non-target term, 8; dist: inter-class, 1
+    gamma: NonNegativeFloat | None = None  # dist: intra-class term, 1
+    p: PositiveFloat | None = None  # at: power of the attention map, 2
+    student_layers: list[LayerSpec] | None = None  # fitnet, at: default the last 3 stages
+    teacher_layers: list[LayerSpec] | None = None
+
+    _DEFAULTS: ClassVar[dict[str, dict[str, Any]]] = {
+        "kd": {"temperature": 4.0},
+        "hard": {},
+        "ce": {"label_smoothing": 0.0},
+        "fitnet": {"student_layers": None, "teacher_layers": None},
+        "at": {"p": 2.0, "student_layers": None, "teacher_layers": None},
+        "dkd": {"temperature": 4.0, "alpha": 1.0, "beta": 8.0},
+        "dist": {"temperature": 1.0, "beta": 1.0, "gamma": 1.0},
+    }
+    _SPECIFIC: ClassVar[tuple[str, ...]] = (
+        "temperature",
+        "label_smoothing",
+        "alpha",
+        "beta",
+        "gamma",
+        "p",
+        "student_layers",
+        "teacher_layers",
+    )
+
+    @model_validator(mode="after")
+    def _fits_type(self) -> LossConfig:
+        defaults = self._DEFAULTS[self.type]
+        for key in self._SPECIFIC:
+            value = getattr(self, key)
+            if key not in defaults and value is not None:
+                raise ValueError(f"{key} does not apply to loss type {self.type!r}")
+            if value is None and defaults.get(key) is not None:
+                setattr(self, key, defaults[key])
+        if self.type == "ce" and self.teacher is not None:
+            raise ValueError("loss type 'ce' learns the labels; it takes no teacher")
+        if (self.student_layers is None) != (self.teacher_layers is None):
+            raise ValueError("give student_layers and teacher_layers together")
+        if self.student_layers is not None and len(self.student_layers) != len(self.teacher_layers):
+            raise ValueError("student_layers and teacher_layers must pair up (same length)")
+        return self
+
+
+class TaskConfig(Section):
+    """Multi-task distillation: one head of the student per task, taught by its teacher."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_]+$")
+    classes: list[str]
+    teacher: NonNegativeInt
+
+
+class DistillConfig(Section):
+    losses: list[LossConfig] = Field(
+        default_factory=lambda: [
+            LossConfig(type="kd", weight=0.9, temperature=4.0),
+            LossConfig(type="ce", weight=0.1),
+        ],
+        min_length=1,
+    )
+    tasks: list[TaskConfig] | None = None
+
+
 class Config(Section):
     """One experiment: what to build, what to train on, how, and where the run goes."""
 
@@ -215,9 +307,29 @@ class Config(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    teacher: TeacherConfig | None = None  # distill: one teacher ...
+    teachers: list[TeacherConfig] | None = Field(None, min_length=1)  # ... or several
+    distill: DistillConfig | None = None
+
+    @property
+    def teacher_list(self) -> list[TeacherConfig]:
+        if self.teachers is not None:
+            return list(self.teachers)
+        return [self.teacher] if self.teacher is not None else []
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
+        if self.teacher is not None and self.teachers is not None:
+            raise ValueError("give teacher or teachers, not both")
+        n = len(self.teacher_list)
+        if self.distill is not None:
+            refs = [(f"distill.losses.{i}", t.teacher) for i, t in enumerate(self.distill.losses)]
+            refs += [
+                (f"distill.tasks.{i}", t.teacher) for i, t in enumerate(self.distill.tasks or [])
+            ]
+            for key, ref in refs:
+                if ref is not None and n and ref >= n:
+                    raise ValueError(f"{key}.teacher: no teacher {ref} (there are {n})")
         if self.model.unfreeze_after is not None:
             if self.model.freeze == "none":
                 raise ValueError("model.unfreeze_after needs model.freeze (nothing is frozen)")

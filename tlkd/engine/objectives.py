@@ -25,6 +25,10 @@ class Objective(nn.Module, ABC):
     def forward(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> StepOutput:
         """The loss of one batch."""
 
+    def val_metrics(self, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+        """Extra validation metrics of this objective (e.g. per task), logged per epoch."""
+        return {}
+
 
 class Classification(Objective):
     """Cross-entropy on ground-truth labels (finetune)."""

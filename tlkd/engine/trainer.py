@@ -124,9 +124,10 @@ class Trainer:
         train_time = time.perf_counter() - t0
         if self.scheduler is not None:
             self.scheduler.step(epoch)
-        val = classification_metrics(
-            *predict(self.model, self.val_loader, device, self.dtype, cfg.channels_last)
+        logits, val_targets = predict(
+            self.model, self.val_loader, device, self.dtype, cfg.channels_last
         )
+        val = classification_metrics(logits, val_targets)
         row = {"epoch": epoch}
         row.update({k: v / max(seen, 1) for k, v in sums.items()})
         row.update(
@@ -138,6 +139,7 @@ class Trainer:
             epoch_time_s=time.perf_counter() - t0,
             train_img_per_s=seen / train_time,
         )
+        row.update(self.objective.val_metrics(logits, val_targets))
         return row
 
     def _optimizer_step(self) -> None:

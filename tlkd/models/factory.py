@@ -52,7 +52,7 @@ def weights_file(path: str | Path) -> Path:
 
 
 def build_model(
-    cfg: ModelConfig, num_classes: int, classes: list[str]
+    cfg: ModelConfig, num_classes: int | None, classes: list[str] | None
 ) -> tuple[nn.Module, WeightsReport]:
     """Create ``cfg.name`` with a classifier for ``num_classes`` and load its weights."""
     check_model_name(cfg.name)
@@ -61,11 +61,11 @@ def build_model(
         kwargs["drop_rate"] = cfg.drop_rate
     if cfg.drop_path_rate is not None:
         kwargs["drop_path_rate"] = cfg.drop_path_rate
+    if num_classes is not None:  # None: the model's own classifier (e.g. a hub teacher)
+        kwargs["num_classes"] = num_classes
     local = weights_file(cfg.pretrained) if isinstance(cfg.pretrained, str) else None
     try:
-        model = timm.create_model(
-            cfg.name, pretrained=cfg.pretrained is True, num_classes=num_classes, **kwargs
-        )
+        model = timm.create_model(cfg.name, pretrained=cfg.pretrained is True, **kwargs)
     except TypeError as err:  # an unknown keyword in model.kwargs
         raise ConfigError("model.kwargs", f"{cfg.name} does not accept it: {err}") from None
     except RuntimeError as err:

@@ -203,9 +203,16 @@ def write_summary(
 
 
 def train(
-    exp: Experiment, objective: Objective, mode: str, reporter: Reporter, dry_run: bool = False
+    exp: Experiment,
+    objective: Objective,
+    mode: str,
+    reporter: Reporter,
+    dry_run: bool = False,
+    plan_extra: list[str] | None = None,
+    summary_extra: dict[str, Any] | None = None,
 ) -> dict[str, Any] | None:
-    """Build the optimizer, print the plan and run the shared loop, writing the run directory."""
+    """Build the optimizer, print the plan and run the shared loop, writing the run directory.
+    A mode adds its own plan lines and summary entries (e.g. the teachers')."""
     cfg = exp.cfg
     objective.to(exp.device)
     optimizer = build_optimizer(cfg, exp.model, objective)
@@ -217,16 +224,16 @@ def train(
         reporter.print("resolved config:")
         reporter.print(yaml.safe_dump(resolved_dict(cfg), sort_keys=False).rstrip())
         reporter.print("")
-        for line in plan_lines(exp, steps, mode):
+        for line in plan_lines(exp, steps, mode) + (plan_extra or []):
             reporter.print(line)
         reporter.print("dry run: nothing trained, no run directory written")
         return None
     run = RunDir.create(cfg.output_dir, cfg.experiment)
     run.save_config(resolved_dict(cfg))
     reporter.print(f"run dir     {run.path}")
-    for line in plan_lines(exp, steps, mode):
+    for line in plan_lines(exp, steps, mode) + (plan_extra or []):
         reporter.print(line)
-    write_summary(run, exp, mode, None, "running")
+    write_summary(run, exp, mode, None, "running", summary_extra)
     trainer = Trainer(
         model=exp.model,
         objective=objective,
@@ -246,10 +253,10 @@ def train(
             "tlkd_model": cfg.model.name,
             "tlkd_num_classes": str(len(exp.classes)),
         },
-        on_epoch_end=lambda r: write_summary(run, exp, mode, r, "running"),
+        on_epoch_end=lambda r: write_summary(run, exp, mode, r, "running", summary_extra),
     )
     result = trainer.fit()
-    summary = write_summary(run, exp, mode, result, "finished")
+    summary = write_summary(run, exp, mode, result, "finished", summary_extra)
     reporter.print(
         f"done: best val top-1 {summary['best_val_top1']:.2f}% (epoch {summary['best_epoch']}), "
         f"final {summary['final_val_top1']:.2f}%, {summary['wall_time_s']:.1f}s"

@@ -57,6 +57,7 @@ def measure_speed(
 ) -> dict[str, float]:
     """Median latency at batch 1 (ms per image) and throughput at ``batch_size`` (images/s)
     on random input, after warm-up."""
+    modes = [m.training for m in model.modules()]
     model.eval()
 
     def timed(batch: int, runs: int) -> list[float]:
@@ -78,6 +79,8 @@ def measure_speed(
 
     latency = statistics.median(timed(1, latency_runs)) * 1000
     throughput = batch_size / statistics.median(timed(batch_size, throughput_runs))
+    for module, mode in zip(model.modules(), modes, strict=True):
+        module.training = mode
     return {"latency_ms": latency, "throughput_img_per_s": throughput}
 
 

@@ -15,6 +15,11 @@ def finetune(
     cfg: Config, *, dry_run: bool = False, reporter: Reporter | None = None
 ) -> dict[str, Any] | None:
     """Train as ``cfg`` says; returns the run's summary (None for a dry run)."""
+    if cfg.teacher_list or cfg.distill is not None:
+        raise ConfigError(
+            "teacher" if cfg.teacher_list else "distill",
+            "finetune takes no teachers or distill section; run `tlkd distill`",
+        )
     if cfg.data.dataset == "folder" and cfg.data.train is None:
         raise ConfigError("data.train", "is required to train (an image folder)")
     reporter = reporter or Reporter(cfg.train.log_every)

@@ -1,0 +1,1 @@
+"""Knowledge distillation: teachers, feature taps and adapters, losses, the objective."""

@@ -1,0 +1,110 @@
+"""distill: a student (the `model:` section) learns from one or more frozen teachers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from tlkd.config.schema import Config, DistillConfig
+from tlkd.distill.objective import Distillation
+from tlkd.distill.teacher import Teacher, build_teacher
+from tlkd.engine.device import autocast
+from tlkd.engine.inference import classification_metrics
+from tlkd.engine.progress import Reporter
+from tlkd.errors import ConfigError
+from tlkd.models.factory import count_params
+from tlkd.recipes.common import build_experiment, train
+from tlkd.recipes.evaluate import measure_speed
+
+
+def distill(
+    cfg: Config, *, dry_run: bool = False, reporter: Reporter | None = None
+) -> dict[str, Any] | None:
+    """Distil as ``cfg`` says; returns the run's summary (None for a dry run)."""
+    if not cfg.teacher_list:
+        raise ConfigError("teacher", "distill needs a teacher (teacher: or teachers:)")
+    if cfg.data.dataset == "folder" and cfg.data.train is None:
+        raise ConfigError("data.train", "is required to train (an image folder)")
+    if cfg.distill is None:
+        cfg.distill = DistillConfig()
+    _tasks_define_classes(cfg)
+    reporter = reporter or Reporter(cfg.train.log_every)
+    exp = build_experiment(cfg)
+    teachers = [
+        build_teacher(t, _teacher_key(cfg, i), exp.loaders.mean, exp.loaders.std).to(exp.device)
+        for i, t in enumerate(cfg.teacher_list)
+    ]
+    objective = Distillation(
+        exp.model,
+        teachers,
+        cfg.distill.losses,
+        exp.classes,
+        cfg.distill.tasks,
+        [t.weight for t in cfg.teacher_list],
+        cfg.data.image_size,
+        exp.device,
+    )
+    plan, info = [], []
+    for i, teacher in enumerate(teachers):
+        top1 = _teacher_top1(teacher, exp, cfg) if teacher.classes in (None, exp.classes) else None
+        if teacher.classes is None and teacher.num_classes != len(exp.classes):
+            top1 = None
+        shown = f"val top-1 {top1:.2f}%" if top1 is not None else "val top-1 n/a (other classes)"
+        plan.append(f"teacher {i}   {teacher.name}: {teacher.params():,} parameters, {shown}")
+        info.append({"name": teacher.name, "params": teacher.params(), "val_top1": top1})
+    losses = ", ".join(
+        f"{name} x{loss.weight:g}"
+        for name, loss in zip(objective.names, cfg.distill.losses, strict=True)
+    )
+    plan.append(f"losses      {losses}")
+    summary_extra: dict[str, Any] = {"teachers": info}
+    if not dry_run:
+        summary_extra.update(_speeds(exp, teachers, cfg))
+    return train(exp, objective, "distill", reporter, dry_run, plan, summary_extra)
+
+
+def _teacher_key(cfg: Config, i: int) -> str:
+    return f"teachers.{i}" if cfg.teachers is not None else "teacher"
+
+
+def _tasks_define_classes(cfg: Config) -> None:
+    """With tasks, the student's classes are the tasks' classes, task after task."""
+    tasks = cfg.distill.tasks
+    if not tasks:
+        return
+    union = [c for t in tasks for c in t.classes]
+    if len(set(union)) != len(union):
+        raise ConfigError("distill.tasks", "tasks must not share classes")
+    if cfg.data.classes is not None and set(cfg.data.classes) != set(union):
+        raise ConfigError("data.classes", "must be the tasks' classes together (or left out)")
+    cfg.data.classes = union
+
+
+@torch.inference_mode()
+def _teacher_top1(teacher: Teacher, exp, cfg: Config) -> float:
+    logits, targets = [], []
+    for images, y in exp.loaders.val:
+        with autocast(exp.device, exp.dtype):
+            out, _ = teacher(images.to(exp.device))
+        logits.append(out.float().cpu())
+        targets.append(y)
+    return classification_metrics(torch.cat(logits), torch.cat(targets))["top1"]
+
+
+def _speeds(exp, teachers: list[Teacher], cfg: Config) -> dict[str, Any]:
+    """Parameters and CPU/GPU latency of student and teachers, so every run shows the gain."""
+    size = cfg.data.image_size
+    student = measure_speed(
+        exp.model, size, cfg.train.batch_size, exp.device, exp.dtype, throughput_runs=3
+    )
+    out: dict[str, Any] = {
+        "student_params": count_params(exp.model)[0],
+        "student_latency_ms": student["latency_ms"],
+    }
+    for i, teacher in enumerate(teachers):
+        speed = measure_speed(
+            teacher.model, size, cfg.train.batch_size, exp.device, exp.dtype, throughput_runs=3
+        )
+        out[f"teacher{i}_latency_ms"] = speed["latency_ms"]
+    return out
