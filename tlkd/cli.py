@@ -101,6 +101,28 @@ def evaluate(
 
 
 @app.command()
+def export(
+    run_dir: str = typer.Argument(..., help="A tlkd run directory."),
+    fmt: str = typer.Option("onnx", "--format", "-f", help="onnx or torchscript"),
+    output: str = typer.Option(None, "--output", "-o", help="Default: the run directory."),
+) -> None:
+    """Export a run's best model (ONNX or TorchScript), verified against PyTorch's outputs."""
+
+    def run() -> None:
+        from tlkd.recipes.export import export as run_export
+
+        report = run_export(run_dir, fmt, output)
+        check = (
+            f"outputs match PyTorch's (max abs diff {report['max_abs_diff']:.2e})"
+            if report["verified"]
+            else "not verified (pip install onnxruntime to check)"
+        )
+        print(f"wrote {report['file']}: {check}")
+
+    _guard(run)
+
+
+@app.command()
 def version() -> None:
     """Print the versions of tlkd and its main dependencies."""
     from tlkd.recipes.common import versions

@@ -1,0 +1,98 @@
+"""export: write a run's best model for deployment (ONNX or TorchScript), checked by running
+the exported file on a batch and comparing its outputs with PyTorch's."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tlkd.config.loader import load_config
+from tlkd.errors import ConfigError, TlkdError
+from tlkd.models.factory import build_model
+from tlkd.run.rundir import CONFIG, SUMMARY, WEIGHTS, write_json
+
+FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
+
+
+def load_run_model(run: Path) -> tuple[torch.nn.Module, Any, list[str]]:
+    """A run directory's best model (CPU, eval mode), its config and classes."""
+    for name in (CONFIG, WEIGHTS, SUMMARY):
+        if not (run / name).is_file():
+            raise ConfigError(None, f"{run} is not a tlkd run directory (no {name})")
+    cfg = load_config(run / CONFIG)
+    classes = json.loads((run / SUMMARY).read_text())["classes"]
+    cfg.model.pretrained = str(run)
+    model, _ = build_model(cfg.model, len(classes), classes)
+    return model.eval(), cfg, classes
+
+
+def export(
+    run_dir: str | Path, fmt: str, output: str | Path | None = None, atol: float = 1e-4
+) -> dict[str, Any]:
+    if fmt not in FORMATS:
+        raise ConfigError("--format", f"expected one of {', '.join(FORMATS)}, got {fmt!r}")
+    run = Path(run_dir).expanduser().resolve()
+    model, cfg, classes = load_run_model(run)
+    size = cfg.data.image_size
+    out = Path(output).expanduser().resolve() if output else run / FORMATS[fmt]
+    example = torch.randn(2, 3, size, size)
+    check = torch.randn(5, 3, size, size)  # another batch size: the batch axis is dynamic
+    with torch.inference_mode():
+        expected = model(check)
+    if fmt == "onnx":
+        got = _onnx(model, example, check, out)
+    else:
+        got = _torchscript(model, example, check, out)
+    diff = None if got is None else (got - expected).abs().max().item()
+    report = {
+        "format": fmt,
+        "file": str(out),
+        "input": [None, 3, size, size],
+        "classes": classes,
+        "max_abs_diff": diff,
+        "verified": diff is not None and diff <= atol,
+    }
+    if diff is not None and diff > atol:
+        raise TlkdError(f"exported {fmt} outputs differ from PyTorch's by {diff:.2e} (> {atol})")
+    write_json(out.with_suffix(out.suffix + ".json"), report)
+    return report
+
+
+def _onnx(model, example, check, out: Path) -> torch.Tensor | None:
+    try:
+        import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
+    except ImportError:
+        raise TlkdError(
+            "ONNX export needs onnx and onnxscript: pip install 'tlkd[export]'"
+        ) from None
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    program = torch.onnx.export(
+        model,
+        (example,),
+        dynamo=True,
+        input_names=["images"],
+        output_names=["logits"],
+        dynamic_shapes=({0: batch},),
+        verbose=False,
+    )
+    program.save(str(out))
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None  # written but not verified
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, {"images": check.numpy()})[0])
+
+
+def _torchscript(model, example, check, out: Path) -> torch.Tensor:
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit's deprecation notice: still a valid format
+        traced = torch.jit.trace(model, example)
+    traced.save(str(out))
+    loaded = torch.jit.load(str(out))
+    with torch.inference_mode():
+        return loaded(check)
