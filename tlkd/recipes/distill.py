@@ -47,9 +47,12 @@ def distill(
     )
     plan, info = [], []
     for i, teacher in enumerate(teachers):
-        top1 = _teacher_top1(teacher, exp, cfg) if teacher.classes in (None, exp.classes) else None
-        if teacher.classes is None and teacher.num_classes != len(exp.classes):
-            top1 = None
+        same_classes = (
+            teacher.classes == exp.classes
+            if teacher.classes is not None
+            else teacher.num_classes == len(exp.classes)
+        )
+        top1 = _teacher_top1(teacher, exp, cfg) if same_classes else None
         shown = f"val top-1 {top1:.2f}%" if top1 is not None else "val top-1 n/a (other classes)"
         plan.append(f"teacher {i}   {teacher.name}: {teacher.params():,} parameters, {shown}")
         info.append({"name": teacher.name, "params": teacher.params(), "val_top1": top1})
