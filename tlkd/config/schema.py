@@ -121,6 +121,9 @@ class DataConfig(Section):
     samples_per_class: PositiveInt | None = None  # few-label training, seeded
     fraction: float | None = Field(None, gt=0.0, le=1.0)  # or a fraction of each class
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0)  # held out of train when there is no val
+    # seed of the val hold-out and the few-label picks; default: the run's seed. Fix it to
+    # compare seeds of training on the same images.
+    subset_seed: NonNegativeInt | None = None
     num_workers: NonNegativeInt | None = None  # default: min(4, CPU count)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
@@ -196,6 +199,7 @@ class TrainConfig(Section):
     channels_last: bool = False
     deterministic: bool = False  # torch.use_deterministic_algorithms
     log_every: PositiveInt = 50  # steps between plain log lines (when not on a terminal)
+    val_every: PositiveInt = 1  # validate every N epochs (and always after the last)
 
     @field_validator("device")
     @classmethod

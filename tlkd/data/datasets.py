@@ -107,7 +107,8 @@ def build_splits(cfg: DataConfig, seed: int) -> Splits:
     if val is None:
         train, val = _split(train, cfg.val_fraction, rng)
         val_source = f"{cfg.val_fraction:g} of train, held out (seed {seed})"
-    if cfg.samples_per_class is not None or cfg.fraction is not None:
+    # no training images: evaluation only (evaluate with data.val=...), nothing to subset
+    if (cfg.samples_per_class is not None or cfg.fraction is not None) and len(train):
         train = _few_labels(train, cfg.samples_per_class, cfg.fraction, rng)
     return Splits(train, val, classes, val_source)
 

@@ -74,12 +74,16 @@ class Reporter:
             for k, v in row.items()
             if k.startswith("train_loss_")
         )
+        val = (
+            f"val_loss {row['val_loss']:.4f}  val_top1 {row['val_top1']:.2f}%  "
+            f"val_top5 {row['val_top5']:.2f}%  "
+            if row["val_top1"] is not None
+            else ""
+        )
         self.print(
             f"epoch {row['epoch']}/{self._epochs}  train_loss {row['train_loss']:.4f}{parts}  "
-            f"val_loss {row['val_loss']:.4f}  val_top1 {row['val_top1']:.2f}%  "
-            f"val_top5 {row['val_top5']:.2f}%  lr {row['lr']:.2e}  "
-            f"{row['epoch_time_s']:.1f}s  {row['train_img_per_s']:.0f} img/s"
-            + ("  *best*" if best else "")
+            f"{val}lr {row['lr']:.2e}  {row['epoch_time_s']:.1f}s  "
+            f"{row['train_img_per_s']:.0f} img/s" + ("  *best*" if best else "")
         )
 
     def close(self) -> None:

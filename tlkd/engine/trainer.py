@@ -124,22 +124,22 @@ class Trainer:
         train_time = time.perf_counter() - t0
         if self.scheduler is not None:
             self.scheduler.step(epoch)
-        logits, val_targets = predict(
-            self.model, self.val_loader, device, self.dtype, cfg.channels_last
-        )
-        val = classification_metrics(logits, val_targets)
-        row = {"epoch": epoch}
+        row: dict[str, Any] = {"epoch": epoch}
         row.update({k: v / max(seen, 1) for k, v in sums.items()})
+        row["train_top1"] = 100.0 * correct / max(seen, 1)
+        row.update(val_loss=None, val_top1=None, val_top5=None)
+        if epoch % cfg.val_every == 0 or epoch == cfg.epochs:
+            logits, val_targets = predict(
+                self.model, self.val_loader, device, self.dtype, cfg.channels_last
+            )
+            val = classification_metrics(logits, val_targets)
+            row.update(val_loss=val["loss"], val_top1=val["top1"], val_top5=val["top5"])
+            row.update(self.objective.val_metrics(logits, val_targets))
         row.update(
-            train_top1=100.0 * correct / max(seen, 1),
-            val_loss=val["loss"],
-            val_top1=val["top1"],
-            val_top5=val["top5"],
             lr=max(g["lr"] for g in self.optimizer.param_groups),
             epoch_time_s=time.perf_counter() - t0,
             train_img_per_s=seen / train_time,
         )
-        row.update(self.objective.val_metrics(logits, val_targets))
         return row
 
     def _optimizer_step(self) -> None:
@@ -157,7 +157,7 @@ class Trainer:
     def _end_epoch(self, epoch: int, row: dict[str, Any]) -> None:
         result = self.result
         result.history.append(row)
-        best = row["val_top1"] > result.best_val_top1
+        best = row["val_top1"] is not None and row["val_top1"] > result.best_val_top1
         if best:
             result.best_val_top1, result.best_epoch = row["val_top1"], epoch
             self.run.save_weights(state_dict_for_save(self.model), self.weights_metadata)

@@ -57,7 +57,8 @@ def build_experiment(cfg: Config, *, for_training: bool = True) -> Experiment:
         _check_optimizer(cfg)
     device = resolve_device(cfg.train.device)
     dtype = autocast_dtype(cfg.train.precision, device)
-    splits = build_splits(cfg.data, cfg.seed)
+    subset_seed = cfg.data.subset_seed if cfg.data.subset_seed is not None else cfg.seed
+    splits = build_splits(cfg.data, subset_seed)
     if cfg.model.num_classes is not None and cfg.model.num_classes != len(splits.classes):
         raise ConfigError(
             "model.num_classes",

@@ -30,10 +30,12 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     epochs = [r["epoch"] for r in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
     ax_loss.plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
-    ax_loss.plot(epochs, [r["val_loss"] for r in history], "o-", label="val")
+    validated = [r for r in history if r["val_top1"] is not None]
+    val_epochs = [r["epoch"] for r in validated]
+    ax_loss.plot(val_epochs, [r["val_loss"] for r in validated], "o-", label="val")
     ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
     ax_acc.plot(epochs, [r["train_top1"] for r in history], "o-", label="train")
-    ax_acc.plot(epochs, [r["val_top1"] for r in history], "o-", label="val")
+    ax_acc.plot(val_epochs, [r["val_top1"] for r in validated], "o-", label="val")
     ax_acc.set(xlabel="epoch", ylabel="top-1 (%)", title="Accuracy")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
