@@ -123,6 +123,29 @@ def export(
 
 
 @app.command()
+def compare(
+    run_dirs: list[str] = typer.Argument(..., help="Run directories."),
+    json_out: str = typer.Option(None, "--json", help="Also write the tables as JSON here."),
+) -> None:
+    """Compare runs: best/final val top-1 per run, and mean ± std over runs whose configs
+    differ only in seed."""
+
+    def run() -> None:
+        import json
+        from pathlib import Path
+
+        from tlkd.recipes.compare import compare as run_compare
+        from tlkd.recipes.compare import print_tables
+
+        result = run_compare(run_dirs)
+        print_tables(result)
+        if json_out:
+            Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
+
+    _guard(run)
+
+
+@app.command()
 def version() -> None:
     """Print the versions of tlkd and its main dependencies."""
     from tlkd.recipes.common import versions
