@@ -74,6 +74,8 @@ def print_tables(result: dict[str, list[dict[str, Any]]]) -> None:
     from rich.table import Table
 
     console = Console(highlight=False)
+    if not console.is_terminal:  # logs and files: do not squeeze the tables into 80 columns
+        console = Console(highlight=False, width=200)
     table = Table(title="runs")
     for col in (
         "run",
