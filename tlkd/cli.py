@@ -23,6 +23,10 @@ DRY_RUN = typer.Option(
     False, "--dry-run", help="Validate, build model and data, print the plan; train nothing."
 )
 QUIET = typer.Option(False, "--quiet", "-q", help="Print only errors and the final line.")
+CONFIG_ARG = typer.Argument(None, help="Experiment YAML file (default with --resume: the run's).")
+RESUME = typer.Option(
+    None, "--resume", help="Continue this run directory from its last checkpoint."
+)
 
 
 def _guard(fn: Callable[[], Any]) -> Any:
@@ -40,29 +44,51 @@ def _guard(fn: Callable[[], Any]) -> Any:
 
 @app.command()
 def finetune(
-    config: str = typer.Argument(..., help="Experiment YAML file."),
+    config: str = CONFIG_ARG,
     overrides: list[str] = OVERRIDES,
     dry_run: bool = DRY_RUN,
     quiet: bool = QUIET,
+    resume: str = RESUME,
 ) -> None:
     """Fine-tune a timm model (transfer learning) as the experiment file says."""
-    _train_command("finetune", config, overrides, dry_run, quiet)
+    _train_command("finetune", config, overrides, dry_run, quiet, resume)
 
 
 def _train_command(
-    mode: str, config: str, overrides: list[str] | None, dry_run: bool, quiet: bool
+    mode: str,
+    config: str | None,
+    overrides: list[str] | None,
+    dry_run: bool,
+    quiet: bool,
+    resume: str | None,
 ) -> None:
     def run() -> None:
+        from pathlib import Path
+
         from tlkd.config import load_config
         from tlkd.engine.progress import Reporter
+        from tlkd.errors import ConfigError
 
         if mode == "distill":
             from tlkd.recipes.distill import distill as recipe
         else:
             from tlkd.recipes.finetune import finetune as recipe
-        cfg = load_config(config, overrides or [])
+        overrides_ = list(overrides or [])
+        run_dir = Path(resume).expanduser().resolve() if resume else None
+        if config is not None and "=" in config and not Path(config).exists():
+            overrides_.insert(0, config)  # `--resume RUN key=value`: no config file given
+            config_ = None
+        else:
+            config_ = config
+        if config_ is None:
+            if run_dir is None:
+                raise ConfigError(None, "give an experiment file (or --resume RUN_DIR)")
+            config_ = str(run_dir / "config.yaml")
+            if not Path(config_).is_file():
+                raise ConfigError("--resume", f"{run_dir} is not a tlkd run directory")
+        cfg = load_config(config_, overrides_)
         reporter = Reporter(cfg.train.log_every, quiet=quiet)
-        summary = recipe(cfg, dry_run=dry_run, reporter=reporter)
+        summary = recipe(cfg, dry_run=dry_run, reporter=reporter, resume=run_dir)
         if quiet and summary:
             print(f"{summary['run_dir']}  best val top-1 {summary['best_val_top1']:.2f}%")
 
@@ -71,13 +97,14 @@ def _train_command(
 
 @app.command()
 def distill(
-    config: str = typer.Argument(..., help="Experiment YAML file with teacher(s) and losses."),
+    config: str = CONFIG_ARG,
     overrides: list[str] = OVERRIDES,
     dry_run: bool = DRY_RUN,
     quiet: bool = QUIET,
+    resume: str = RESUME,
 ) -> None:
     """Distil one or more frozen teachers into the student the experiment file names."""
-    _train_command("distill", config, overrides, dry_run, quiet)
+    _train_command("distill", config, overrides, dry_run, quiet, resume)
 
 
 @app.command()

@@ -88,7 +88,9 @@ def build_loaders(cfg: Config, splits: Splits, model_cfg: dict, device: torch.de
     common = dict(
         batch_size=cfg.train.batch_size,
         num_workers=workers,
-        persistent_workers=workers > 0,
+        # fresh workers each epoch draw their seeds from the loader's generator, so a resumed
+        # run replays exactly the augmentation an uninterrupted run would have used
+        persistent_workers=False,
         pin_memory=device.type == "cuda",
     )
     generator = torch.Generator().manual_seed(cfg.seed)

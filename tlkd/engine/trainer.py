@@ -168,6 +168,36 @@ class Trainer:
         if self.on_epoch_end is not None:
             self.on_epoch_end(result)
 
+    def restore(self, state: dict[str, Any]) -> int:
+        """Continue from a checkpoint: every state the loop has, RNGs included, so the rest of
+        the run is the one an uninterrupted run would have had. Returns the next epoch."""
+        self.model.load_state_dict(state["model"])
+        self.objective.load_state_dict(state["objective"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.updates = state["updates"]
+        if self.scheduler is not None:
+            # timm schedulers are functions of the update count; recomputing from it (rather
+            # than loading their saved settings) keeps a resume with more epochs consistent
+            self.scheduler.step_update(num_updates=self.updates)
+        if self.freezer.prefixes:
+            self.freezer.set_frozen(state["frozen"])
+        r = state["result"]
+        self.result = FitResult(
+            list(r["history"]), r["best_val_top1"], r["best_epoch"], r["wall_time_s"]
+        )
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        if torch.cuda.is_available() and rng["cuda"]:
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        kind, keys, pos, has_gauss, cached = rng["numpy"]
+        np.random.set_state((kind, keys.numpy(), pos, has_gauss, cached))
+        version, internal, gauss = rng["python"]
+        random.setstate((version, tuple(internal), gauss))
+        if rng["loader"] is not None and self.train_loader.generator is not None:
+            self.train_loader.generator.set_state(rng["loader"])
+        return int(state["epoch"]) + 1
+
     def checkpoint_state(self, epoch: int) -> dict[str, Any]:
         """Everything needed to continue after ``epoch``; loadable with weights_only=True."""
         np_state = np.random.get_state()

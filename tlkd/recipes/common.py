@@ -29,7 +29,7 @@ from tlkd.engine.trainer import FitResult, Trainer
 from tlkd.errors import ConfigError
 from tlkd.models.factory import WeightsReport, build_model, count_params
 from tlkd.models.freeze import Freezer
-from tlkd.run.rundir import SUMMARY, RunDir, write_json
+from tlkd.run.rundir import CONFIG, SUMMARY, RunDir, write_json
 
 
 @dataclass
@@ -211,9 +211,10 @@ def train(
     dry_run: bool = False,
     plan_extra: list[str] | None = None,
     summary_extra: dict[str, Any] | None = None,
+    resume: Path | None = None,
 ) -> dict[str, Any] | None:
-    """Build the optimizer, print the plan and run the shared loop, writing the run directory.
-    A mode adds its own plan lines and summary entries (e.g. the teachers')."""
+    """Build the optimizer, print the plan and run the shared loop, writing the run directory
+    (or continuing ``resume``'s). A mode adds its own plan lines and summary entries."""
     cfg = exp.cfg
     objective.to(exp.device)
     optimizer = build_optimizer(cfg, exp.model, objective)
@@ -229,7 +230,12 @@ def train(
             reporter.print(line)
         reporter.print("dry run: nothing trained, no run directory written")
         return None
-    run = RunDir.create(cfg.output_dir, cfg.experiment)
+    if resume is not None:
+        run = RunDir(resume)
+        check_resumable(run, cfg)
+        state, note = run.load_checkpoint()
+    else:
+        run = RunDir.create(cfg.output_dir, cfg.experiment)
     run.save_config(resolved_dict(cfg))
     reporter.print(f"run dir     {run.path}")
     for line in plan_lines(exp, steps, mode) + (plan_extra or []):
@@ -256,7 +262,11 @@ def train(
         },
         on_epoch_end=lambda r: write_summary(run, exp, mode, r, "running", summary_extra),
     )
-    result = trainer.fit()
+    start = 1
+    if resume is not None:
+        start = trainer.restore(state)
+        reporter.print(f"resume      {note}: epoch {start} of {cfg.train.epochs}")
+    result = trainer.fit(start)
     summary = write_summary(run, exp, mode, result, "finished", summary_extra)
     reporter.print(
         f"done: best val top-1 {summary['best_val_top1']:.2f}% (epoch {summary['best_epoch']}), "
@@ -266,5 +276,26 @@ def train(
     return summary
 
 
-def run_path(path: str | Path) -> Path:
-    return Path(path).expanduser().resolve()
+def check_resumable(run: RunDir, cfg: Config) -> None:
+    """Resuming must continue the same experiment: only the epoch count may change."""
+    saved_file = run.file(CONFIG)
+    if not saved_file.is_file():
+        raise ConfigError("--resume", f"{run.path} is not a tlkd run directory (no {CONFIG})")
+    saved = _flatten(yaml.safe_load(saved_file.read_text()))
+    now = _flatten(resolved_dict(cfg))
+    ignored = {"train.epochs", "output_dir", "experiment"}
+    differ = sorted(
+        k for k in saved.keys() | now.keys() if k not in ignored and saved.get(k) != now.get(k)
+    )
+    if differ:
+        shown = ", ".join(differ[:6]) + (", ..." if len(differ) > 6 else "")
+        raise ConfigError("--resume", f"the config differs from the run's in: {shown}")
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): data}

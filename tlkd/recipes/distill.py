@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,7 +20,11 @@ from tlkd.recipes.evaluate import measure_speed
 
 
 def distill(
-    cfg: Config, *, dry_run: bool = False, reporter: Reporter | None = None
+    cfg: Config,
+    *,
+    dry_run: bool = False,
+    reporter: Reporter | None = None,
+    resume: Path | None = None,
 ) -> dict[str, Any] | None:
     """Distil as ``cfg`` says; returns the run's summary (None for a dry run)."""
     if not cfg.teacher_list:
@@ -64,7 +69,7 @@ def distill(
     summary_extra: dict[str, Any] = {"teachers": info}
     if not dry_run:
         summary_extra.update(_speeds(exp, teachers, cfg))
-    return train(exp, objective, "distill", reporter, dry_run, plan, summary_extra)
+    return train(exp, objective, "distill", reporter, dry_run, plan, summary_extra, resume)
 
 
 def _teacher_key(cfg: Config, i: int) -> str:

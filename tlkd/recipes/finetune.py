@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from tlkd.config.schema import Config
@@ -12,7 +13,11 @@ from tlkd.recipes.common import build_experiment, train
 
 
 def finetune(
-    cfg: Config, *, dry_run: bool = False, reporter: Reporter | None = None
+    cfg: Config,
+    *,
+    dry_run: bool = False,
+    reporter: Reporter | None = None,
+    resume: Path | None = None,
 ) -> dict[str, Any] | None:
     """Train as ``cfg`` says; returns the run's summary (None for a dry run)."""
     if cfg.teacher_list or cfg.distill is not None:
@@ -26,4 +31,5 @@ def finetune(
     exp = build_experiment(cfg)
     if len(exp.splits.train) == 0:
         raise ConfigError("data", "no training images left after subsetting")
-    return train(exp, Classification(cfg.train.label_smoothing), "finetune", reporter, dry_run)
+    objective = Classification(cfg.train.label_smoothing)
+    return train(exp, objective, "finetune", reporter, dry_run, resume=resume)

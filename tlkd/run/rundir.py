@@ -17,11 +17,14 @@ import torch
 import yaml
 from safetensors.torch import save as safetensors_bytes
 
+from tlkd.errors import TlkdError
+
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 WEIGHTS = "model.safetensors"
 CHECKPOINT = "checkpoint.pt"
+PREVIOUS_CHECKPOINT = "checkpoint.prev.pt"
 CURVES = "curves.png"
 EVAL = "eval.json"
 
@@ -85,7 +88,39 @@ class RunDir:
         atomic_write(self.file(WEIGHTS), lambda f: f.write(safetensors_bytes(state, metadata)))
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
-        atomic_write(self.file(CHECKPOINT), lambda f: torch.save(state, f))
+        """Write checkpoint.pt; the one it replaces is kept as checkpoint.prev.pt, so a valid
+        checkpoint exists at every moment, even if the process dies mid-write."""
+        current, previous = self.file(CHECKPOINT), self.file(PREVIOUS_CHECKPOINT)
+
+        def write(f: BinaryIO) -> None:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+            if current.exists():
+                os.replace(current, previous)
+
+        atomic_write(current, write)
+
+    def load_checkpoint(self) -> tuple[dict[str, Any], str]:
+        """The newest readable checkpoint (weights_only=True) and a note on what was used."""
+        errors = []
+        for name in (CHECKPOINT, PREVIOUS_CHECKPOINT):
+            path = self.file(name)
+            if not path.exists():
+                continue
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as err:  # noqa: BLE001 - truncated, corrupt, or not a checkpoint
+                errors.append(f"{name} is unreadable ({type(err).__name__})")
+                continue
+            if not isinstance(state, dict) or "epoch" not in state:
+                errors.append(f"{name} is not a tlkd checkpoint")
+                continue
+            return state, "; ".join(errors + [f"resuming from {name}"])
+        raise TlkdError(
+            f"{self.path}: no usable checkpoint to resume from"
+            + (f" ({'; '.join(errors)})" if errors else "")
+        )
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

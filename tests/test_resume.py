@@ -1,0 +1,133 @@
+"""--resume: a killed run continues to exactly the result of an uninterrupted one."""
+
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import error_line, small_config, tlkd_env, write_images
+from safetensors.torch import load_file
+
+LEARNED = ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr")
+
+
+@pytest.fixture
+def resumable(tmp_path, write_config):
+    """A config whose epochs take long enough to be killed in the middle, with random
+    augmentation and a loader worker, so every RNG stream matters."""
+    train = write_images(tmp_path / "train", per_class=24, size=48, seed=1)
+    val = write_images(tmp_path / "val", per_class=4, size=48, seed=2)
+    cfg = small_config(
+        tmp_path,
+        train,
+        val,
+        data={
+            "image_size": 48,
+            "num_workers": 1,
+            "augment": {"crop_mode": "rrc", "scale": [0.5, 1.0], "hflip": 0.5},
+        },
+        train={
+            "epochs": 4,
+            "batch_size": 4,
+            "log_every": 1,
+            "scheduler": {"name": "cosine", "warmup_epochs": 1},
+        },
+    )
+    return lambda name, **kw: write_config({**cfg, "experiment": name, **kw}, f"{name}.yaml")
+
+
+def _tlkd(tmp_path, *args, **kw):
+    return subprocess.Popen(
+        [sys.executable, "-m", "tlkd", *map(str, args)],
+        cwd=tmp_path,
+        env=tlkd_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
+
+
+def _finish(proc):
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    return out
+
+
+def _kill_during(tmp_path, config, epoch):
+    """Start a run and SIGKILL it a few steps into ``epoch``."""
+    proc = _tlkd(tmp_path, "finetune", config)
+    seen = []
+    for line in proc.stdout:  # plain progress lines (stdout is a pipe)
+        seen.append(line)
+        if line.startswith(f"epoch {epoch}/4 step 5/"):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, "".join(seen)
+
+
+def _learned(run):
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: r[k] for k in LEARNED} for r in rows]
+
+
+def _same_weights(a, b):
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, resumable):
+    _finish(_tlkd(tmp_path, "finetune", resumable("full")))
+    full = tmp_path / "runs" / "full"
+    killed = tmp_path / "runs" / "killed"
+    _kill_during(tmp_path, resumable("killed"), epoch=2)
+    assert len((killed / "metrics.jsonl").read_text().splitlines()) == 1  # epoch 2 cut off
+    resumed = _finish(_tlkd(tmp_path, "finetune", "--resume", killed))
+    assert "resuming from checkpoint.pt" in resumed
+    assert _learned(killed) == _learned(full)
+    assert _same_weights(killed, full)
+    ckpt = torch.load(killed / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 4
+
+
+def test_resume_after_death_while_writing_a_checkpoint(tmp_path, resumable):
+    """The atomic protocol leaves either checkpoint.pt or checkpoint.prev.pt valid; a torn or
+    missing newest checkpoint falls back to the previous one and still ends identically."""
+    _finish(_tlkd(tmp_path, "finetune", resumable("full")))
+    _kill_during(tmp_path, resumable("torn"), epoch=3)
+    torn = tmp_path / "runs" / "torn"
+    data = (torn / "checkpoint.pt").read_bytes()  # epoch 2's, torn as by a crash mid-write
+    (torn / "checkpoint.pt").write_bytes(data[: len(data) // 3])
+    out = _finish(_tlkd(tmp_path, "finetune", "--resume", torn))
+    assert "checkpoint.pt is unreadable" in out and "resuming from checkpoint.prev.pt" in out
+    assert _learned(torn) == _learned(tmp_path / "runs" / "full")
+    assert _same_weights(torn, tmp_path / "runs" / "full")
+
+
+def test_resume_refuses_a_changed_config_and_missing_checkpoints(tmp_path, resumable):
+    _finish(_tlkd(tmp_path, "finetune", resumable("base"), "train.epochs=1"))
+    run = tmp_path / "runs" / "base"
+    proc = _tlkd(tmp_path, "finetune", "--resume", run, "train.optimizer.lr=0.5")
+    proc.communicate(timeout=300)
+    assert proc.returncode == 2
+    proc = subprocess.run(
+        [sys.executable, "-m", "tlkd", "finetune", "--resume", str(run), "train.optimizer.lr=0.5"],
+        cwd=tmp_path,
+        env=tlkd_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert "train.optimizer.lr" in error_line(proc)
+    for name in ("checkpoint.pt", "checkpoint.prev.pt"):
+        (run / name).unlink(missing_ok=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tlkd", "finetune", "--resume", str(run), "train.epochs=2"],
+        cwd=tmp_path,
+        env=tlkd_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 1 and "no usable checkpoint" in error_line(proc)
