@@ -1,12 +1,15 @@
 """--resume: a killed run continues to exactly the result of an uninterrupted one."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
+import yaml
 from conftest import error_line, small_config, tlkd_env, write_images
 from safetensors.torch import load_file
 
@@ -131,3 +134,50 @@ def test_resume_refuses_a_changed_config_and_missing_checkpoints(tmp_path, resum
         text=True,
     )
     assert proc.returncode == 1 and "no usable checkpoint" in error_line(proc)
+
+
+def _signal_during(tmp_path, config, sig, epoch=2, times=1):
+    proc = _tlkd(tmp_path, "finetune", config)
+    for line in proc.stdout:
+        if line.startswith(f"epoch {epoch}/4 step 5/"):
+            for i in range(times):
+                if i:
+                    time.sleep(0.3)  # let the first signal's handler run
+                proc.send_signal(sig)
+            break
+    out, err = proc.communicate(timeout=300)
+    return proc.returncode, err
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_stop_signal_checkpoints_the_step_and_resume_is_exact(tmp_path, resumable, sig, code):
+    _finish(_tlkd(tmp_path, "finetune", resumable("full")))
+    stopped = tmp_path / "runs" / "stopped"
+    returncode, err = _signal_during(tmp_path, resumable("stopped"), sig)
+    assert returncode == code, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"error: stopped by {sig.name} at epoch 2, step ") and "--resume" in last
+    ckpt = torch.load(stopped / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["partial"]["epoch"] == 2 and ckpt["partial"]["step"] >= 5
+    _finish(_tlkd(tmp_path, "finetune", "--resume", stopped))
+    assert _learned(stopped) == _learned(tmp_path / "runs" / "full")
+    assert _same_weights(stopped, tmp_path / "runs" / "full")
+
+
+def test_second_ctrl_c_exits_at_once(tmp_path, resumable):
+    # accumulating over the whole epoch: the first Ctrl-C waits for the epoch's end
+    config = resumable(
+        "twice", train={**yaml.safe_load(resumable("x").read_text())["train"], "accum_steps": 1000}
+    )
+    returncode, err = _signal_during(tmp_path, config, signal.SIGINT, times=2)
+    assert returncode == 130
+    assert err.strip().splitlines()[-1] in ("interrupted",) or "stopped by SIGINT" in err
+
+
+def test_nonfinite_loss_stops_with_epoch_and_step(tmp_path, tiny_config, run_tlkd):
+    blowup = {"optimizer": {"name": "sgd", "lr": 1.0e12, "weight_decay": 0.0}}
+    proc = run_tlkd("finetune", tiny_config(train=blowup))
+    assert proc.returncode == 1
+    assert re.match(r"error: loss became (nan|inf) at epoch 1, step \d+", error_line(proc))
+    proc = run_tlkd("finetune", tiny_config("skip.yaml", train={**blowup, "skip_nonfinite": 2}))
+    assert proc.returncode == 1 and "after skipping 2 such steps" in error_line(proc)

@@ -200,6 +200,7 @@ class TrainConfig(Section):
     deterministic: bool = False  # torch.use_deterministic_algorithms
     log_every: PositiveInt = 50  # steps between plain log lines (when not on a terminal)
     val_every: PositiveInt = 1  # validate every N epochs (and always after the last)
+    skip_nonfinite: NonNegativeInt = 0  # steps with a NaN/Inf loss to skip before stopping
 
     @field_validator("device")
     @classmethod

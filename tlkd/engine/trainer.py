@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import math
 import random
+import signal
+import sys
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -34,6 +37,7 @@ class FitResult:
     best_val_top1: float = -1.0
     best_epoch: int = 0
     wall_time_s: float = 0.0
+    skipped_steps: int = 0  # steps skipped for a NaN/Inf loss
 
 
 class Trainer:
@@ -68,7 +72,10 @@ class Trainer:
         self.on_epoch_end = on_epoch_end
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
         self.updates = 0
+        self.skipped_steps = 0
         self.result = FitResult()
+        self._partial: dict[str, Any] | None = None
+        self._signals = StopSignals()
 
     @property
     def updates_per_epoch(self) -> int:
@@ -76,16 +83,24 @@ class Trainer:
 
     def fit(self, start_epoch: int = 1) -> FitResult:
         t0 = time.perf_counter() - self.result.wall_time_s
+        self._t0 = t0
         try:
-            for epoch in range(start_epoch, self.cfg.epochs + 1):
-                if self.unfreeze_after is not None and epoch == self.unfreeze_after + 1:
-                    self.freezer.set_frozen(False)
-                    self.reporter.print(
-                        f"epoch {epoch}: unfreezing {', '.join(self.freezer.prefixes)}"
-                    )
-                row = self.train_epoch(epoch)
-                self.result.wall_time_s = time.perf_counter() - t0
-                self._end_epoch(epoch, row)
+            with StopSignals() as self._signals:
+                for epoch in range(start_epoch, self.cfg.epochs + 1):
+                    if self.unfreeze_after is not None and epoch == self.unfreeze_after + 1:
+                        self.freezer.set_frozen(False)
+                        self.reporter.print(
+                            f"epoch {epoch}: unfreezing {', '.join(self.freezer.prefixes)}"
+                        )
+                    row = self.train_epoch(epoch)
+                    self.result.wall_time_s = time.perf_counter() - t0
+                    self._end_epoch(epoch, row)
+                    if self._signals.received and epoch < self.cfg.epochs:
+                        raise Interrupted(
+                            self._signals.received,
+                            f"stopped by {self._signals.received} after epoch {epoch}; "
+                            f"checkpoint written; continue with --resume {self.run.path}",
+                        )
         finally:
             self.reporter.close()
         return self.result
@@ -97,10 +112,23 @@ class Trainer:
         steps = len(self.train_loader)
         self.reporter.epoch_start(epoch, cfg.epochs, steps)
         sums: dict[str, float] = defaultdict(float)
-        seen = correct = 0
-        t0 = time.perf_counter()
+        seen = correct = skip = 0
+        generator = self.train_loader.generator
+        loader_state = generator.get_state() if generator is not None else None
+        partial, self._partial = self._partial, None
+        if partial is not None:  # resuming inside this epoch: replay its batch order
+            if generator is not None:
+                generator.set_state(partial["loader"])
+                loader_state = partial["loader"]
+            sums.update(partial["sums"])
+            seen, correct, skip = partial["seen"], partial["correct"], partial["step"]
+        t0 = time.perf_counter() - (partial["train_time"] if partial else 0.0)
         self.optimizer.zero_grad(set_to_none=True)
         for step, (images, targets) in enumerate(self.train_loader, start=1):
+            if step <= skip:  # batches done before the interruption: drawn, not trained
+                if step == skip:
+                    _set_rng(partial["rng"])  # the RNGs as they were when it stopped
+                continue
             images = images.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
             if cfg.channels_last:
@@ -110,7 +138,8 @@ class Trainer:
             loss = out.loss
             loss_value = loss.item()
             if not math.isfinite(loss_value):
-                raise TlkdError(f"loss became {loss_value} at epoch {epoch}, step {step}")
+                self._nonfinite(loss_value, epoch, step)
+                continue
             self.scaler.scale(loss / cfg.accum_steps).backward()
             if step % cfg.accum_steps == 0 or step == steps:
                 self._optimizer_step()
@@ -121,6 +150,17 @@ class Trainer:
                 sums[f"train_loss_{name}"] += part.item() * n
             correct += (out.logits.detach().argmax(1) == targets).sum().item()
             self.reporter.step(step, seen, sums["train_loss"] / seen, 100.0 * correct / seen)
+            if self._signals.received and step % cfg.accum_steps == 0 and step < steps:
+                partial = {
+                    "epoch": epoch,
+                    "step": step,
+                    "sums": dict(sums),
+                    "seen": seen,
+                    "correct": correct,
+                    "loader": loader_state,
+                    "train_time": time.perf_counter() - t0,
+                }
+                self._stop(epoch, step, partial)
         train_time = time.perf_counter() - t0
         if self.scheduler is not None:
             self.scheduler.step(epoch)
@@ -186,29 +226,30 @@ class Trainer:
         self.result = FitResult(
             list(r["history"]), r["best_val_top1"], r["best_epoch"], r["wall_time_s"]
         )
+        self.skipped_steps = self.result.skipped_steps = state.get("skipped_steps", 0)
         rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
-        if torch.cuda.is_available() and rng["cuda"]:
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        kind, keys, pos, has_gauss, cached = rng["numpy"]
-        np.random.set_state((kind, keys.numpy(), pos, has_gauss, cached))
-        version, internal, gauss = rng["python"]
-        random.setstate((version, tuple(internal), gauss))
         if rng["loader"] is not None and self.train_loader.generator is not None:
             self.train_loader.generator.set_state(rng["loader"])
+        partial = state.get("partial")
+        if partial is not None:  # stopped inside an epoch: the RNGs are set after the replay
+            self._partial = {**partial, "rng": rng}
+            return int(partial["epoch"])
+        _set_rng(rng)
         return int(state["epoch"]) + 1
 
-    def checkpoint_state(self, epoch: int) -> dict[str, Any]:
-        """Everything needed to continue after ``epoch``; loadable with weights_only=True."""
-        np_state = np.random.get_state()
+    def checkpoint_state(self, epoch: int, partial: dict | None = None) -> dict[str, Any]:
+        """Everything needed to continue after ``epoch`` (or inside the next one, ``partial``);
+        loadable with weights_only=True."""
         return {
             "epoch": epoch,
+            "partial": partial,
             "model": self.model.state_dict(),
             "objective": self.objective.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict(),
             "updates": self.updates,
+            "skipped_steps": self.skipped_steps,
             "frozen": self.freezer.frozen,
             "result": {
                 "history": self.result.history,
@@ -217,12 +258,99 @@ class Trainer:
                 "wall_time_s": self.result.wall_time_s,
             },
             "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
-                "python": random.getstate(),
+                **_get_rng(),
                 "loader": self.train_loader.generator.get_state()
                 if self.train_loader.generator is not None
                 else None,
             },
         }
+
+    def _stop(self, epoch: int, step: int, partial: dict[str, Any]) -> None:
+        """A stop signal arrived: checkpoint the state after this step and exit."""
+        self.result.wall_time_s = time.perf_counter() - self._t0
+        self.run.save_checkpoint(self.checkpoint_state(epoch - 1, partial))
+        self.reporter.close()
+        raise Interrupted(
+            self._signals.received,
+            f"stopped by {self._signals.received} at epoch {epoch}, step {step}; checkpoint "
+            f"written; continue with --resume {self.run.path}",
+        )
+
+    def _nonfinite(self, value: float, epoch: int, step: int) -> None:
+        """Skip a step whose loss is NaN/Inf, at most ``train.skip_nonfinite`` times a run."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.skipped_steps >= self.cfg.skip_nonfinite:
+            raise TlkdError(
+                f"loss became {value} at epoch {epoch}, step {step}"
+                + (
+                    f" (after skipping {self.skipped_steps} such steps)"
+                    if self.skipped_steps
+                    else ""
+                )
+                + "; lower train.optimizer.lr, set train.clip_grad, or allow skips with "
+                "train.skip_nonfinite"
+            )
+        self.skipped_steps += 1
+        self.result.skipped_steps = self.skipped_steps
+        self.reporter.print(
+            f"epoch {epoch}, step {step}: loss {value}, step skipped "
+            f"({self.skipped_steps}/{self.cfg.skip_nonfinite})"
+        )
+
+
+class Interrupted(TlkdError):
+    """Stopped by SIGINT (exit 130) or SIGTERM (exit 143) after writing a checkpoint."""
+
+    def __init__(self, signame: str, message: str) -> None:
+        self.exit_code = 130 if signame == "SIGINT" else 143
+        super().__init__(message)
+
+
+class StopSignals:
+    """First SIGINT/SIGTERM: ask the loop to stop after the current step. A second SIGINT
+    (Ctrl-C) exits at once. Only the main thread can take signals; elsewhere this is a no-op."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+        print(
+            f"\n{self.received}: stopping after this step and writing a checkpoint "
+            "(Ctrl-C again to quit at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _get_rng() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+        "python": random.getstate(),
+    }
+
+
+def _set_rng(rng: dict[str, Any]) -> None:
+    torch.set_rng_state(rng["torch"])
+    if torch.cuda.is_available() and rng["cuda"]:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    kind, keys, pos, has_gauss, cached = rng["numpy"]
+    np.random.set_state((kind, keys.numpy(), pos, has_gauss, cached))
+    version, internal, gauss = rng["python"]
+    random.setstate((version, tuple(internal), gauss))

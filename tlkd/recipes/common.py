@@ -193,6 +193,7 @@ def write_summary(
         "train_images": len(exp.splits.train),
         "val_images": len(exp.splits.val),
         "wall_time_s": round(result.wall_time_s, 3) if result else 0.0,
+        "skipped_steps": result.skipped_steps if result else 0,
         "device": str(exp.device),
         "precision": str(exp.dtype or "fp32").replace("torch.", ""),
         "weights_source": exp.weights.source,
