@@ -15,3 +15,14 @@ class ConfigError(TlkdError):
     def __init__(self, key: str | None, message: str) -> None:
         self.key = key
         super().__init__(f"{key}: {message}" if key else message)
+
+
+class BadImageError(TlkdError):
+    """An image file that cannot be read. DataLoader workers re-raise an exception in the main
+    process as ``type(message_with_traceback)``; keep only the original one-line message."""
+
+    def __init__(self, message: str) -> None:
+        if "Original Traceback" in message:
+            last = [line for line in message.splitlines() if line.strip()][-1]
+            message = last.split("BadImageError: ", 1)[-1]
+        super().__init__(message)

@@ -125,6 +125,7 @@ class DataConfig(Section):
     # compare seeds of training on the same images.
     subset_seed: NonNegativeInt | None = None
     num_workers: NonNegativeInt | None = None  # default: min(4, CPU count)
+    skip_bad_images: bool = False  # decode every file first; leave out (and count) bad ones
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
     @field_validator("dataset")

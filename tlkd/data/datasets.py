@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib.resources
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from tlkd.config.schema import DataConfig
 from tlkd.config.suggest import did_you_mean
 from tlkd.data.catalog import TORCHVISION_DATASETS
-from tlkd.errors import ConfigError
+from tlkd.errors import BadImageError, ConfigError
 
 
 class LabeledImages(Dataset):
@@ -56,8 +56,19 @@ class LabeledImages(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
+    def path(self, i: int) -> str | None:
+        """The file behind item ``i`` (None for in-memory datasets)."""
+        samples = getattr(self.base, "samples", None)
+        return samples[self.indices[i]][0] if samples is not None else None
+
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
-        img, y = self.base[self.indices[i]]
+        try:
+            img, y = self.base[self.indices[i]]
+        except (OSError, ValueError, SyntaxError) as err:  # what PIL raises for bad files
+            raise BadImageError(
+                f"cannot read image {self.path(i) or f'#{self.indices[i]}'}: {err} "
+                "(set data.skip_bad_images: true to skip unreadable images)"
+            ) from None
         if not isinstance(img, Image.Image):
             img = Image.fromarray(np.asarray(img))
         if img.mode != "RGB":
@@ -90,6 +101,7 @@ class Splits:
     val: LabeledImages
     classes: list[str]
     val_source: str  # where val came from, for the plan
+    bad_images: list[str] = field(default_factory=list)  # skipped: unreadable
 
 
 def build_splits(cfg: DataConfig, seed: int) -> Splits:
@@ -110,7 +122,28 @@ def build_splits(cfg: DataConfig, seed: int) -> Splits:
     # no training images: evaluation only (evaluate with data.val=...), nothing to subset
     if (cfg.samples_per_class is not None or cfg.fraction is not None) and len(train):
         train = _few_labels(train, cfg.samples_per_class, cfg.fraction, rng)
-    return Splits(train, val, classes, val_source)
+    bad: list[str] = []
+    if cfg.skip_bad_images:
+        train, bad_train = drop_unreadable(train)
+        val, bad_val = drop_unreadable(val)
+        bad = bad_train + bad_val
+    return Splits(train, val, classes, val_source, bad)
+
+
+def drop_unreadable(ds: LabeledImages) -> tuple[LabeledImages, list[str]]:
+    """Decode every image file once and leave out those that fail (named in the result)."""
+    keep, bad = [], []
+    for i in range(len(ds)):
+        path = ds.path(i)
+        if path is not None:
+            try:
+                with Image.open(path) as img:
+                    img.load()
+            except (OSError, ValueError, SyntaxError):
+                bad.append(path)
+                continue
+        keep.append(i)
+    return (ds.view(keep) if bad else ds), bad
 
 
 def _sources(cfg: DataConfig) -> tuple[LabeledImages, LabeledImages | None]:

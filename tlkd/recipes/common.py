@@ -162,7 +162,11 @@ def plan_lines(exp: Experiment, steps_per_epoch: int, mode: str) -> list[str]:
         f"{t.epochs * steps_per_epoch:,} steps; {t.optimizer.name} lr {t.optimizer.lr:g}, "
         f"scheduler {t.scheduler.name}",
         f"device      {exp.device}, precision {exp.dtype or 'fp32'}",
-    ]
+    ] + (
+        [f"skipped     {len(splits.bad_images)} unreadable images, e.g. {splits.bad_images[0]}"]
+        if splits.bad_images
+        else []
+    )
 
 
 def write_summary(
@@ -194,6 +198,8 @@ def write_summary(
         "val_images": len(exp.splits.val),
         "wall_time_s": round(result.wall_time_s, 3) if result else 0.0,
         "skipped_steps": result.skipped_steps if result else 0,
+        "skipped_images": len(exp.splits.bad_images),
+        "skipped_image_files": exp.splits.bad_images[:50],
         "device": str(exp.device),
         "precision": str(exp.dtype or "fp32").replace("torch.", ""),
         "weights_source": exp.weights.source,
