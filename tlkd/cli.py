@@ -150,6 +150,26 @@ def export(
 
 
 @app.command()
+def sweep(
+    config: str = typer.Argument(..., help="Experiment YAML file (may hold a sweep: block)."),
+    overrides: list[str] = OVERRIDES,
+    grid: list[str] = typer.Option(
+        None, "--grid", help="key=v1,v2,...: values to sweep (repeat for more keys)."
+    ),
+    quiet: bool = QUIET,
+) -> None:
+    """Run every combination of a grid as its own run; rerun to complete an interrupted sweep."""
+
+    def run() -> None:
+        from tlkd.engine.progress import Reporter
+        from tlkd.recipes.sweep import sweep as run_sweep
+
+        run_sweep(config, grid or [], overrides or [], Reporter(quiet=quiet))
+
+    _guard(run)
+
+
+@app.command()
 def compare(
     run_dirs: list[str] = typer.Argument(..., help="Run directories."),
     json_out: str = typer.Option(None, "--json", help="Also write the tables as JSON here."),

@@ -304,10 +304,25 @@ class DistillConfig(Section):
     tasks: list[TaskConfig] | None = None
 
 
+class SweepConfig(Section):
+    """``grid: {key.path: [values...]}``: every combination runs (``tlkd sweep``)."""
+
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+
+    @field_validator("grid")
+    @classmethod
+    def _grid(cls, v: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for key, values in v.items():
+            if not values:
+                raise ValueError(f"{key}: give at least one value")
+        return v
+
+
 class Config(Section):
     """One experiment: what to build, what to train on, how, and where the run goes."""
 
-    experiment: str = Field("exp", pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+    experiment: str = Field("exp", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+    sweep: SweepConfig | None = None  # tlkd sweep: the grid of overrides to run
     output_dir: Path = Path("runs")
     seed: NonNegativeInt = 0
     model: ModelConfig = Field(default_factory=ModelConfig)

@@ -1,0 +1,63 @@
+"""tlkd sweep: every combination runs once; an interrupted sweep completes when rerun."""
+
+import csv
+import json
+import signal
+import subprocess
+import sys
+
+from conftest import tlkd_env
+
+from tlkd.recipes.sweep import _run_name, parse_grid
+
+
+def test_grid_parsing_and_run_names():
+    grid = parse_grid(
+        ["distill.losses.0.temperature=1,2.5", "seed=0,1", "data.classes=[a,b],[c,d]"]
+    )
+    assert grid == {
+        "distill.losses.0.temperature": [1, 2.5],
+        "seed": [0, 1],
+        "data.classes": [["a", "b"], ["c", "d"]],
+    }
+    assert _run_name({"distill.losses.0.temperature": 4, "seed": 1}) == "temperature-4_seed-1"
+
+
+def test_interrupted_sweep_completes_and_skips_finished_runs(tmp_path, tiny_config):
+    config = tiny_config(sweep={"grid": {"train.optimizer.lr": [0.01, 0.02]}})
+    args = [sys.executable, "-m", "tlkd", "sweep", str(config), "--grid", "seed=0,1"]
+    proc = subprocess.Popen(args, cwd=tmp_path, env=tlkd_env(), stdout=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # kill the sweep as its second run starts
+        if line.startswith("[2/4]"):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.communicate()
+    root = tmp_path / "runs" / "tiny-sweep"
+    first = root / "lr-0.01_seed-0"
+    assert json.loads((first / "summary.json").read_text())["status"] == "finished"
+    stamp = (first / "model.safetensors").stat().st_mtime_ns
+
+    done = subprocess.run(args, cwd=tmp_path, env=tlkd_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "[1/4] lr-0.01_seed-0: finished" in done.stdout  # skipped, not rerun
+    assert (first / "model.safetensors").stat().st_mtime_ns == stamp
+    with open(root / "sweep.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["run"] for r in rows] == [
+        "lr-0.01_seed-0",
+        "lr-0.01_seed-1",
+        "lr-0.02_seed-0",
+        "lr-0.02_seed-1",
+    ]
+    assert all(r["status"] == "finished" for r in rows)
+    groups = json.loads((root / "sweep.json").read_text())["groups"]
+    assert [g["runs"] for g in groups] == [2, 2] and all("±" in g["final_val_top1"] for g in groups)
+    # each run's config is the base with its overrides, and no sweep block
+    cfg = (root / "lr-0.02_seed-1" / "config.yaml").read_text()
+    assert "lr: 0.02" in cfg and "seed: 1" in cfg and "sweep: null" in cfg
+
+
+def test_sweep_typo_fails_before_any_run(tmp_path, tiny_config, run_tlkd):
+    proc = run_tlkd("sweep", tiny_config(), "--grid", "train.optimiser.lr=0.1,0.2")
+    assert proc.returncode == 2 and "did you mean 'optimizer'" in proc.stderr
+    assert not (tmp_path / "runs").exists()
