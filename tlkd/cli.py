@@ -66,6 +66,7 @@ def _train_command(
         from pathlib import Path
 
         from tlkd.config import load_config
+        from tlkd.engine import distributed
         from tlkd.engine.progress import Reporter
         from tlkd.errors import ConfigError
 
@@ -87,8 +88,12 @@ def _train_command(
             if not Path(config_).is_file():
                 raise ConfigError("--resume", f"{run_dir} is not a tlkd run directory")
         cfg = load_config(config_, overrides_)
-        reporter = Reporter(cfg.train.log_every, quiet=quiet)
-        summary = recipe(cfg, dry_run=dry_run, reporter=reporter, resume=run_dir)
+        ddp = distributed.init_from_env(cfg.train.device)  # torchrun: join the process group
+        try:
+            reporter = Reporter(cfg.train.log_every, quiet=quiet or not ddp.is_main)
+            summary = recipe(cfg, dry_run=dry_run, reporter=reporter, resume=run_dir)
+        finally:
+            distributed.shutdown()
         if quiet and summary:
             print(f"{summary['run_dir']}  best val top-1 {summary['best_val_top1']:.2f}%")
 

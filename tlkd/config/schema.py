@@ -198,6 +198,7 @@ class TrainConfig(Section):
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16/fp16 on cuda
     channels_last: bool = False
+    sync_bn: bool = False  # torchrun on GPUs: SyncBatchNorm across processes
     deterministic: bool = False  # torch.use_deterministic_algorithms
     log_every: PositiveInt = 50  # steps between plain log lines (when not on a terminal)
     val_every: PositiveInt = 1  # validate every N epochs (and always after the last)

@@ -8,11 +8,14 @@ from dataclasses import dataclass
 
 import torch
 from timm.data import create_transform, resolve_model_data_config
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from tlkd.config.schema import Config, DataConfig
 from tlkd.data.catalog import SMALL_IMAGE_DATASETS
 from tlkd.data.datasets import LabeledImages, Splits
+from tlkd.engine import distributed
+from tlkd.engine.distributed import GlobalBatchSampler
+from tlkd.errors import ConfigError
 
 
 class Transformed(Dataset):
@@ -83,25 +86,41 @@ def default_workers() -> int:
 
 
 def build_loaders(cfg: Config, splits: Splits, model_cfg: dict, device: torch.device) -> Loaders:
+    """Train and val loaders. Under torchrun each process loads its share of every global
+    batch (train.batch_size is the global batch) and of the val set."""
     train_tf, eval_tf = build_transforms(cfg.data, model_cfg)
     workers = cfg.data.num_workers if cfg.data.num_workers is not None else default_workers()
+    ddp = distributed.info()
+    if cfg.train.batch_size % ddp.world:
+        raise ConfigError(
+            "train.batch_size",
+            f"{cfg.train.batch_size} does not split evenly over {ddp.world} processes",
+        )
     common = dict(
-        batch_size=cfg.train.batch_size,
+        batch_size=cfg.train.batch_size // ddp.world,
         num_workers=workers,
         # fresh workers each epoch draw their seeds from the loader's generator, so a resumed
         # run replays exactly the augmentation an uninterrupted run would have used
         persistent_workers=False,
         pin_memory=device.type == "cuda",
     )
-    generator = torch.Generator().manual_seed(cfg.seed)
+    sampler = GlobalBatchSampler(
+        len(splits.train),
+        cfg.train.batch_size,
+        cfg.seed,
+        # BatchNorm cannot train on a last batch of one image: drop the ragged batch
+        drop_last=True,
+        world=ddp.world,
+        rank=ddp.rank,
+    )
     train = DataLoader(
         Transformed(splits.train, train_tf),
-        shuffle=len(splits.train) > 0,
-        generator=generator,
-        # BatchNorm cannot train on a last batch of one image; drop the ragged batch when
-        # there is at least one full batch.
-        drop_last=len(splits.train) >= cfg.train.batch_size,
+        sampler=sampler,
+        generator=torch.Generator().manual_seed(cfg.seed + ddp.rank),
         **common,
     )
-    val = DataLoader(Transformed(splits.val, eval_tf), shuffle=False, **common)
+    val_set: Dataset = Transformed(splits.val, eval_tf)
+    if ddp.enabled:  # a shard per process, no padding: metrics gather the whole set
+        val_set = Subset(val_set, range(ddp.rank, len(splits.val), ddp.world))
+    val = DataLoader(val_set, shuffle=False, **common)
     return Loaders(train, val, tuple(model_cfg["mean"]), tuple(model_cfg["std"]))

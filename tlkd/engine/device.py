@@ -8,20 +8,24 @@ import random
 import numpy as np
 import torch
 
+from tlkd.engine import distributed
 from tlkd.errors import ConfigError
 
 
 def resolve_device(spec: str) -> torch.device:
     """``auto`` picks cuda, then mps, then cpu; an explicit device must be available."""
+    local_rank = distributed.info().local_rank
     if spec == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return torch.device("cuda", local_rank if distributed.info().enabled else 0)
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
     device = torch.device(spec)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device", "cuda is not available on this machine")
+    if device.type == "cuda" and distributed.info().enabled:
+        device = torch.device("cuda", local_rank)  # one GPU per process under torchrun
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("train.device", "mps is not available on this machine")
     return device

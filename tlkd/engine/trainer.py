@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from tlkd.config.schema import TrainConfig
+from tlkd.engine import distributed
 from tlkd.engine.device import autocast
 from tlkd.engine.inference import classification_metrics, predict
 from tlkd.engine.objectives import Objective
@@ -38,6 +39,19 @@ class FitResult:
     best_epoch: int = 0
     wall_time_s: float = 0.0
     skipped_steps: int = 0  # steps skipped for a NaN/Inf loss
+
+
+class Trainable(nn.Module):
+    """Model and objective as one module, so DistributedDataParallel sees the whole step
+    (including feature taps and adapters) and synchronises every trained parameter."""
+
+    def __init__(self, model: nn.Module, objective: Objective) -> None:
+        super().__init__()
+        self.model, self.objective = model, objective
+
+    def forward(self, images: torch.Tensor, targets: torch.Tensor):
+        out = self.objective(self.model, images, targets)
+        return out.loss, out.logits, out.parts
 
 
 class Trainer:
@@ -76,6 +90,18 @@ class Trainer:
         self.result = FitResult()
         self._partial: dict[str, Any] | None = None
         self._signals = StopSignals()
+        self.dist = distributed.info()
+        self.step_module = self._wrap()
+
+    def _wrap(self) -> nn.Module:
+        """The module a training step calls: DDP-wrapped under torchrun."""
+        trainable = Trainable(self.model, self.objective)
+        if not self.dist.enabled:
+            return trainable
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(trainable, device_ids=ids)
 
     @property
     def updates_per_epoch(self) -> int:
@@ -89,13 +115,16 @@ class Trainer:
                 for epoch in range(start_epoch, self.cfg.epochs + 1):
                     if self.unfreeze_after is not None and epoch == self.unfreeze_after + 1:
                         self.freezer.set_frozen(False)
+                        self.step_module = self._wrap()  # DDP must see the new parameters
                         self.reporter.print(
                             f"epoch {epoch}: unfreezing {', '.join(self.freezer.prefixes)}"
                         )
                     row = self.train_epoch(epoch)
                     self.result.wall_time_s = time.perf_counter() - t0
                     self._end_epoch(epoch, row)
-                    if self._signals.received and epoch < self.cfg.epochs:
+                    stop = distributed.any_rank(self._signals.received is not None)
+                    if stop and epoch < self.cfg.epochs:
+                        self._signals.received = self._signals.received or "SIGTERM"
                         raise Interrupted(
                             self._signals.received,
                             f"stopped by {self._signals.received} after epoch {epoch}; "
@@ -113,6 +142,9 @@ class Trainer:
         self.reporter.epoch_start(epoch, cfg.epochs, steps)
         sums: dict[str, float] = defaultdict(float)
         seen = correct = skip = 0
+        sampler = self.train_loader.sampler
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
         generator = self.train_loader.generator
         loader_state = generator.get_state() if generator is not None else None
         partial, self._partial = self._partial, None
@@ -134,10 +166,9 @@ class Trainer:
             if cfg.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with autocast(device, self.dtype):
-                out = self.objective(self.model, images, targets)
-            loss = out.loss
+                loss, logits, parts = self.step_module(images, targets)
             loss_value = loss.item()
-            if not math.isfinite(loss_value):
+            if distributed.any_rank(not math.isfinite(loss_value)):  # all ranks skip or stop
                 self._nonfinite(loss_value, epoch, step)
                 continue
             self.scaler.scale(loss / cfg.accum_steps).backward()
@@ -146,11 +177,13 @@ class Trainer:
             n = targets.shape[0]
             seen += n
             sums["train_loss"] += loss_value * n
-            for name, part in out.parts.items():
+            for name, part in parts.items():
                 sums[f"train_loss_{name}"] += part.item() * n
-            correct += (out.logits.detach().argmax(1) == targets).sum().item()
+            correct += (logits.detach().argmax(1) == targets).sum().item()
             self.reporter.step(step, seen, sums["train_loss"] / seen, 100.0 * correct / seen)
-            if self._signals.received and step % cfg.accum_steps == 0 and step < steps:
+            stop = distributed.any_rank(self._signals.received is not None)
+            if stop and step % cfg.accum_steps == 0 and step < steps:
+                self._signals.received = self._signals.received or "SIGTERM"
                 partial = {
                     "epoch": epoch,
                     "step": step,
@@ -164,13 +197,18 @@ class Trainer:
         train_time = time.perf_counter() - t0
         if self.scheduler is not None:
             self.scheduler.step(epoch)
+        if self.dist.enabled:  # every rank's share of the epoch
+            keys = sorted(sums)
+            totals = distributed.all_sum([seen, correct, *(sums[k] for k in keys)])
+            seen, correct = int(totals[0]), int(totals[1])
+            sums = dict(zip(keys, totals[2:], strict=True))
         row: dict[str, Any] = {"epoch": epoch}
         row.update({k: v / max(seen, 1) for k, v in sums.items()})
         row["train_top1"] = 100.0 * correct / max(seen, 1)
         row.update(val_loss=None, val_top1=None, val_top5=None)
         if epoch % cfg.val_every == 0 or epoch == cfg.epochs:
-            logits, val_targets = predict(
-                self.model, self.val_loader, device, self.dtype, cfg.channels_last
+            logits, val_targets = distributed.gather_cat(
+                *predict(self.model, self.val_loader, device, self.dtype, cfg.channels_last)
             )
             val = classification_metrics(logits, val_targets)
             row.update(val_loss=val["loss"], val_top1=val["top1"], val_top5=val["top5"])
@@ -200,6 +238,9 @@ class Trainer:
         best = row["val_top1"] is not None and row["val_top1"] > result.best_val_top1
         if best:
             result.best_val_top1, result.best_epoch = row["val_top1"], epoch
+        if not self.dist.is_main:  # every rank keeps the same history; rank 0 writes files
+            return
+        if best:
             self.run.save_weights(state_dict_for_save(self.model), self.weights_metadata)
         self.run.write_metrics(result.history)
         self.run.save_checkpoint(self.checkpoint_state(epoch))
@@ -268,7 +309,8 @@ class Trainer:
     def _stop(self, epoch: int, step: int, partial: dict[str, Any]) -> None:
         """A stop signal arrived: checkpoint the state after this step and exit."""
         self.result.wall_time_s = time.perf_counter() - self._t0
-        self.run.save_checkpoint(self.checkpoint_state(epoch - 1, partial))
+        if self.dist.is_main:
+            self.run.save_checkpoint(self.checkpoint_state(epoch - 1, partial))
         self.reporter.close()
         raise Interrupted(
             self._signals.received,

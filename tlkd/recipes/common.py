@@ -22,6 +22,7 @@ from tlkd.config.schema import Config
 from tlkd.config.suggest import did_you_mean
 from tlkd.data.datasets import Splits, build_splits
 from tlkd.data.pipeline import Loaders, build_loaders, resolve_input
+from tlkd.engine import distributed
 from tlkd.engine.device import autocast_dtype, resolve_device, seed_everything
 from tlkd.engine.objectives import Objective
 from tlkd.engine.progress import Reporter
@@ -224,6 +225,10 @@ def train(
     (or continuing ``resume``'s). A mode adds its own plan lines and summary entries."""
     cfg = exp.cfg
     objective.to(exp.device)
+    if cfg.train.sync_bn and distributed.info().enabled:
+        if exp.device.type != "cuda":
+            raise ConfigError("train.sync_bn", "SyncBatchNorm needs GPUs (nccl); drop it on CPU")
+        exp.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(exp.model)
     optimizer = build_optimizer(cfg, exp.model, objective)
     freezer = Freezer(exp.model, cfg.model)
     steps = len(exp.loaders.train)
@@ -237,17 +242,24 @@ def train(
             reporter.print(line)
         reporter.print("dry run: nothing trained, no run directory written")
         return None
+    ddp = distributed.info()
     if resume is not None:
         run = RunDir(resume)
         check_resumable(run, cfg)
         state, note = run.load_checkpoint()
-    else:
-        run = RunDir.create(cfg.output_dir, cfg.experiment)
-    run.save_config(resolved_dict(cfg))
+    else:  # rank 0 picks the folder; the other processes use the same one
+        run = RunDir(
+            distributed.broadcast(
+                RunDir.create(cfg.output_dir, cfg.experiment).path if ddp.is_main else None
+            )
+        )
+    write_summary_ = write_summary if ddp.is_main else (lambda *a, **k: None)
+    if ddp.is_main:
+        run.save_config(resolved_dict(cfg))
     reporter.print(f"run dir     {run.path}")
     for line in plan_lines(exp, steps, mode) + (plan_extra or []):
         reporter.print(line)
-    write_summary(run, exp, mode, None, "running", summary_extra)
+    write_summary_(run, exp, mode, None, "running", summary_extra)
     trainer = Trainer(
         model=exp.model,
         objective=objective,
@@ -267,13 +279,15 @@ def train(
             "tlkd_model": cfg.model.name,
             "tlkd_num_classes": str(len(exp.classes)),
         },
-        on_epoch_end=lambda r: write_summary(run, exp, mode, r, "running", summary_extra),
+        on_epoch_end=lambda r: write_summary_(run, exp, mode, r, "running", summary_extra),
     )
     start = 1
     if resume is not None:
         start = trainer.restore(state)
         reporter.print(f"resume      {note}: epoch {start} of {cfg.train.epochs}")
     result = trainer.fit(start)
+    if not ddp.is_main:
+        return None
     summary = write_summary(run, exp, mode, result, "finished", summary_extra)
     reporter.print(
         f"done: best val top-1 {summary['best_val_top1']:.2f}% (epoch {summary['best_epoch']}), "
