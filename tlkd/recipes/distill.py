@@ -11,6 +11,7 @@ from tlkd.config.schema import Config, DistillConfig
 from tlkd.distill.objective import Distillation
 from tlkd.distill.teacher import Teacher, build_teacher
 from tlkd.engine.device import autocast
+from tlkd.engine.distributed import gather_cat
 from tlkd.engine.inference import classification_metrics
 from tlkd.engine.progress import Reporter
 from tlkd.errors import ConfigError
@@ -97,7 +98,8 @@ def _teacher_top1(teacher: Teacher, exp, cfg: Config) -> float:
             out, _ = teacher(images.to(exp.device))
         logits.append(out.float().cpu())
         targets.append(y)
-    return classification_metrics(torch.cat(logits), torch.cat(targets))["top1"]
+    # under torchrun each process holds a shard of val: measure on the whole set
+    return classification_metrics(*gather_cat(torch.cat(logits), torch.cat(targets)))["top1"]
 
 
 def _speeds(exp, teachers: list[Teacher], cfg: Config) -> dict[str, Any]:
