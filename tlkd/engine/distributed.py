@@ -101,7 +101,11 @@ def gather_cat(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
 class GlobalBatchSampler(Sampler[int]):
     """Shuffles with a generator seeded by (seed, epoch) - a pure function of the epoch, so a
     resumed run replays the same order - and gives each rank its slice of every global
-    batch. Drops the last incomplete global batch when there is at least one full batch."""
+    batch. Drops the last incomplete global batch when there is at least one full batch.
+
+    torch's DistributedSampler is not used: it hands each rank a contiguous share of the
+    whole epoch, so N processes would train on other batches than one process does (and it
+    pads the last share with repeated samples)."""
 
     def __init__(
         self,
