@@ -39,6 +39,13 @@ def _teacher_file(tmp_path: Path, name: str, num_classes: int, seed: int = 0) ->
     return path
 
 
+def _objective(student, teachers, losses, weights=(1.0,)):
+    """A distillation objective over the 10 digit classes at 16 px, on the CPU."""
+    classes = [str(i) for i in range(10)]
+    device = torch.device("cpu")
+    return Distillation(student, teachers, losses, classes, None, list(weights), 16, device)
+
+
 def _cfg(tmp_path: Path, *overrides: str):
     return load_config(None, [f"output_dir={tmp_path / 'runs'}", *SMALL, *overrides])
 
@@ -67,16 +74,7 @@ def test_teacher_is_frozen_and_never_modified(tmp_path):
         before = {k: v.clone() for k, v in teacher.model.state_dict().items()}
         student = timm.create_model("resnet20", num_classes=10)
         losses = [LossConfig(type="kd"), LossConfig(type="fitnet"), LossConfig(type="at")]
-        objective = Distillation(
-            student,
-            [teacher],
-            losses,
-            [str(i) for i in range(10)],
-            None,
-            [1.0],
-            16,
-            torch.device("cpu"),
-        )
+        objective = _objective(student, [teacher], losses)
         opt = torch.optim.SGD([*student.parameters(), *objective.parameters()], lr=0.1)
         for _ in range(3):
             out = objective(student, torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,)))
@@ -102,16 +100,7 @@ def test_loss_terms_compose_with_weights(tmp_path):
         LossConfig(type="ce", weight=0.3),
         LossConfig(type="hard", weight=0.0),
     ]
-    objective = Distillation(
-        student,
-        [teacher],
-        losses,
-        [str(i) for i in range(10)],
-        None,
-        [1.0],
-        16,
-        torch.device("cpu"),
-    )
+    objective = _objective(student, [teacher], losses)
     student.eval()
     images, targets = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
     out = objective(student, images, targets)
@@ -136,16 +125,7 @@ def test_multi_teacher_averages_soft_targets_with_weights(tmp_path):
         for s in (0, 1)
     ]
     student = timm.create_model("resnet20", num_classes=10).eval()
-    objective = Distillation(
-        student,
-        teachers,
-        [LossConfig(type="kd", temperature=3.0)],
-        [str(i) for i in range(10)],
-        None,
-        [3.0, 1.0],
-        16,
-        torch.device("cpu"),
-    )
+    objective = _objective(student, teachers, [LossConfig(type="kd", temperature=3.0)], (3.0, 1.0))
     images = torch.randn(4, 3, 16, 16)
     out = objective(student, images, torch.zeros(4, dtype=torch.long))
     probs = [torch.softmax(t(images)[0] / 3.0, dim=1) for t in teachers]
