@@ -179,8 +179,7 @@ def compare(
     run_dirs: list[str] = typer.Argument(..., help="Run directories."),
     json_out: str = typer.Option(None, "--json", help="Also write the tables as JSON here."),
 ) -> None:
-    """Compare runs: best/final val top-1 per run, and mean ± std over runs whose configs
-    differ only in seed."""
+    """Compare runs: val top-1 per run, mean ± std over runs differing only in seed."""
 
     def run() -> None:
         import json
