@@ -232,3 +232,20 @@ def test_export_matches_pytorch(tmp_path, fmt):
     report = export(run, fmt)
     assert report["verified"] and report["max_abs_diff"] < 1e-4
     assert Path(report["file"]).is_file()
+
+
+def test_layers_by_stage_index_or_module_name_agree():
+    from tlkd.distill.features import FeatureTap, resolve_layers
+
+    model = timm.create_model("resnet20", num_classes=10).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        by_index = FeatureTap(model, [2, 3])(images)
+        by_name = FeatureTap(model, ["stages.1", "stages.2"])(images)
+    assert torch.equal(by_index[0], by_name[0])  # same logits
+    assert all(torch.equal(a, b) for a, b in zip(by_index[1], by_name[1], strict=True))
+    assert resolve_layers(model, None, "k") == [1, 2, 3]  # default: the last three stages
+    with pytest.raises(ConfigError, match="did you mean 'stages.1'"):
+        resolve_layers(model, ["stage.1"], "distill.losses.0.student_layers")
+    with pytest.raises(ConfigError, match="stage 7 does not exist"):
+        resolve_layers(model, [7], "distill.losses.0.student_layers")
