@@ -263,6 +263,7 @@ class Trainer:
             self.scheduler.step_update(num_updates=self.updates)
         if self.freezer.prefixes:
             self.freezer.set_frozen(state["frozen"])
+            self.step_module = self._wrap()  # DDP must see what trains now
         r = state["result"]
         self.result = FitResult(
             list(r["history"]), r["best_val_top1"], r["best_epoch"], r["wall_time_s"]
