@@ -19,6 +19,9 @@ from pathlib import Path
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="tlkd-tests-hf-")
 atexit.register(shutil.rmtree, os.environ["HF_HOME"], ignore_errors=True)
+# the in-memory data path's decoded-image cache (and the teacher cache): per test session
+os.environ["TLKD_CACHE_DIR"] = tempfile.mkdtemp(prefix="tlkd-tests-cache-")
+atexit.register(shutil.rmtree, os.environ["TLKD_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402

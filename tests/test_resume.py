@@ -170,7 +170,7 @@ def test_second_ctrl_c_exits_at_once(tmp_path, resumable):
         "twice", train={**yaml.safe_load(resumable("x").read_text())["train"], "accum_steps": 1000}
     )
     returncode, err = _signal_during(tmp_path, config, signal.SIGINT, times=2)
-    assert returncode == 130
+    assert returncode == 130, err
     assert err.strip().splitlines()[-1] in ("interrupted",) or "stopped by SIGINT" in err
 
 

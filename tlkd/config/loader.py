@@ -134,6 +134,8 @@ def _absolute_paths(cfg: Config) -> Config:
         data.train = data.train.expanduser().resolve()
     if data.val is not None:
         data.val = data.val.expanduser().resolve()
+    if data.cache_dir is not None:
+        data.cache_dir = data.cache_dir.expanduser().resolve()
     if isinstance(cfg.model.pretrained, str):
         cfg.model.pretrained = str(Path(cfg.model.pretrained).expanduser().resolve())
     return cfg

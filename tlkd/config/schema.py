@@ -125,6 +125,10 @@ class DataConfig(Section):
     # compare seeds of training on the same images.
     subset_seed: NonNegativeInt | None = None
     num_workers: NonNegativeInt | None = None  # default: min(4, CPU count)
+    # decode once into uint8 tensors (cached on disk) and augment whole batches: auto = when
+    # the images fit in memory, share one size and the augmentation allows it
+    in_memory: bool | Literal["auto"] = "auto"
+    cache_dir: Path | None = None  # default: $TLKD_CACHE_DIR or ~/.cache/tlkd
     skip_bad_images: bool = False  # decode every file first; leave out (and count) bad ones
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -11,6 +11,8 @@ from timm.data import create_transform, resolve_model_data_config
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from tlkd.config.schema import Config, DataConfig
+from tlkd.data import memory
+from tlkd.data.batch_aug import BatchAugment, unsupported
 from tlkd.data.catalog import SMALL_IMAGE_DATASETS
 from tlkd.data.datasets import LabeledImages, Splits
 from tlkd.engine import distributed
@@ -34,10 +36,12 @@ class Transformed(Dataset):
 
 @dataclass
 class Loaders:
-    train: DataLoader
-    val: DataLoader
+    train: DataLoader | memory.MemoryLoader
+    val: DataLoader | memory.MemoryLoader
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    in_memory: bool = False
+    note: str = ""  # why the in-memory path was or was not taken, for the plan and summary
 
 
 def resolve_input(data: DataConfig, model: torch.nn.Module) -> dict:
@@ -85,25 +89,24 @@ def default_workers() -> int:
     return min(4, os.cpu_count() or 1)
 
 
-def build_loaders(cfg: Config, splits: Splits, model_cfg: dict, device: torch.device) -> Loaders:
-    """Train and val loaders. Under torchrun each process loads its share of every global
-    batch (train.batch_size is the global batch) and of the val set."""
+def build_loaders(
+    cfg: Config,
+    splits: Splits,
+    model_cfg: dict,
+    device: torch.device,
+    log: Callable[[str], None] = print,
+) -> Loaders:
+    """Train and val loaders: the in-memory path where ``data.in_memory`` allows and the data
+    fit, else DataLoader workers running timm's per-image transforms. Under torchrun each
+    process loads its share of every global batch (train.batch_size is the global batch)
+    and of the val set."""
     train_tf, eval_tf = build_transforms(cfg.data, model_cfg)
-    workers = cfg.data.num_workers if cfg.data.num_workers is not None else default_workers()
     ddp = distributed.info()
     if cfg.train.batch_size % ddp.world:
         raise ConfigError(
             "train.batch_size",
             f"{cfg.train.batch_size} does not split evenly over {ddp.world} processes",
         )
-    common = dict(
-        batch_size=cfg.train.batch_size // ddp.world,
-        num_workers=workers,
-        # fresh workers each epoch draw their seeds from the loader's generator, so a resumed
-        # run replays exactly the augmentation an uninterrupted run would have used
-        persistent_workers=False,
-        pin_memory=device.type == "cuda",
-    )
     sampler = GlobalBatchSampler(
         len(splits.train),
         cfg.train.batch_size,
@@ -113,14 +116,74 @@ def build_loaders(cfg: Config, splits: Splits, model_cfg: dict, device: torch.de
         world=ddp.world,
         rank=ddp.rank,
     )
+    generator = torch.Generator().manual_seed(cfg.seed + ddp.rank)
+    val_index: Sequence[int] = range(len(splits.val))
+    if ddp.enabled:  # a shard per process, no padding: metrics gather the whole set
+        val_index = range(ddp.rank, len(splits.val), ddp.world)
+    mean, std = tuple(model_cfg["mean"]), tuple(model_cfg["std"])
+    held = _in_memory(cfg, splits, eval_tf, log)
+    if isinstance(held, tuple):
+        train_images, val_images = held
+        local = cfg.train.batch_size // ddp.world
+        augment = BatchAugment(
+            cfg.data.augment, cfg.data.image_size, mean, std, cfg.data.interpolation
+        )
+        train = memory.MemoryLoader(
+            train_images, torch.tensor(splits.train.targets, dtype=torch.long), sampler,
+            local, mean, std, augment, generator, device,
+        )  # fmt: skip
+        val = memory.MemoryLoader(
+            val_images, torch.tensor(splits.val.targets, dtype=torch.long), val_index,
+            local, mean, std, device=device,
+        )  # fmt: skip
+        size_mb = (train_images.numel() + val_images.numel()) / 2**20
+        return Loaders(train, val, mean, std, True, f"in memory ({size_mb:.0f} MiB, uint8)")
+    workers = cfg.data.num_workers if cfg.data.num_workers is not None else default_workers()
+    common = dict(
+        batch_size=cfg.train.batch_size // ddp.world,
+        num_workers=workers,
+        # fresh workers each epoch draw their seeds from the loader's generator, so a resumed
+        # run replays exactly the augmentation an uninterrupted run would have used
+        persistent_workers=False,
+        pin_memory=device.type == "cuda",
+    )
     train = DataLoader(
-        Transformed(splits.train, train_tf),
-        sampler=sampler,
-        generator=torch.Generator().manual_seed(cfg.seed + ddp.rank),
-        **common,
+        Transformed(splits.train, train_tf), sampler=sampler, generator=generator, **common
     )
     val_set: Dataset = Transformed(splits.val, eval_tf)
-    if ddp.enabled:  # a shard per process, no padding: metrics gather the whole set
-        val_set = Subset(val_set, range(ddp.rank, len(splits.val), ddp.world))
+    if ddp.enabled:
+        val_set = Subset(val_set, val_index)
     val = DataLoader(val_set, shuffle=False, **common)
-    return Loaders(train, val, tuple(model_cfg["mean"]), tuple(model_cfg["std"]))
+    return Loaders(train, val, mean, std, False, f"{workers} loader workers ({held})")
+
+
+def _in_memory(
+    cfg: Config, splits: Splits, eval_tf: Callable, log: Callable[[str], None]
+) -> tuple[torch.Tensor, torch.Tensor] | str:
+    """Both splits as uint8 tensors, or why the in-memory path is not taken. With
+    ``data.in_memory: true`` a reason is an error instead."""
+    data = cfg.data
+    if data.in_memory is False:
+        return "data.in_memory: false"
+    pil_eval = memory.pil_stage(eval_tf)
+    reason = unsupported(data.augment)
+    if reason is None:
+        need = memory.estimate_bytes(splits.train, None)
+        need += memory.estimate_bytes(splits.val, pil_eval)
+        budget = memory.MEMORY_FRACTION * memory.available_memory()
+        if need > budget:
+            reason = f"the images need {need / 2**30:.1f} GiB, over {budget / 2**30:.1f} GiB"
+    if reason is None:
+        cache = data.cache_dir or memory.default_cache_dir()
+        workers = data.num_workers if data.num_workers is not None else default_workers()
+        try:
+            train = memory.load_images(splits.train, None, "train", cache, workers, log)
+            val = memory.load_images(
+                splits.val, pil_eval, f"eval|{pil_eval!r}", cache, workers, log
+            )
+            return train, val
+        except memory.NotUniform as err:
+            reason = f"training images differ in size ({err})"
+    if data.in_memory is True:
+        raise ConfigError("data.in_memory", f"cannot hold the data in memory: {reason}")
+    return reason

@@ -4,6 +4,8 @@ and its summary. A recipe (finetune, distill, ...) picks an objective and calls 
 from __future__ import annotations
 
 import platform
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,7 +52,9 @@ class Experiment:
         return self.splits.classes
 
 
-def build_experiment(cfg: Config, *, for_training: bool = True) -> Experiment:
+def build_experiment(
+    cfg: Config, *, for_training: bool = True, log: Callable[[str], None] | None = None
+) -> Experiment:
     """Validate what needs the file system or timm, then build data and model (no training).
     Resolved values (image size, classes) are written back into ``cfg``."""
     seed_everything(cfg.seed, cfg.train.deterministic)
@@ -71,8 +75,14 @@ def build_experiment(cfg: Config, *, for_training: bool = True) -> Experiment:
     model.to(device)
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
-    loaders = build_loaders(cfg, splits, model_cfg, device)
+    loaders = build_loaders(cfg, splits, model_cfg, device, log or _log)
     return Experiment(cfg, splits, model, weights, loaders, device, dtype)
+
+
+def _log(message: str) -> None:
+    """Default for build-time messages (e.g. decoding images into memory): rank 0, stderr."""
+    if distributed.info().is_main:
+        print(message, file=sys.stderr, flush=True)
 
 
 def _check_optimizer(cfg: Config) -> None:
@@ -157,7 +167,8 @@ def plan_lines(exp: Experiment, steps_per_epoch: int, mode: str) -> list[str]:
         f"parameters  {total:,} total, {trainable:,} trainable, {total - trainable:,} frozen "
         f"(freeze: {freeze}{unfreeze})",
         f"data        {cfg.data.dataset}: {len(splits.train):,} train images, "
-        f"{len(splits.val):,} val images ({splits.val_source}), {cfg.data.image_size}px",
+        f"{len(splits.val):,} val images ({splits.val_source}), {cfg.data.image_size}px, "
+        f"{exp.loaders.note}",
         f"schedule    {t.epochs} epochs x {steps_per_epoch} steps (batch {t.batch_size}"
         f"{f', accumulate {t.accum_steps}' if t.accum_steps > 1 else ''}) = "
         f"{t.epochs * steps_per_epoch:,} steps; {t.optimizer.name} lr {t.optimizer.lr:g}, "
@@ -201,6 +212,7 @@ def write_summary(
         "skipped_steps": result.skipped_steps if result else 0,
         "skipped_images": len(exp.splits.bad_images),
         "skipped_image_files": exp.splits.bad_images[:50],
+        "data_path": exp.loaders.note,
         "device": str(exp.device),
         "precision": str(exp.dtype or "fp32").replace("torch.", ""),
         "weights_source": exp.weights.source,
@@ -304,7 +316,7 @@ def check_resumable(run: RunDir, cfg: Config) -> None:
         raise ConfigError("--resume", f"{run.path} is not a tlkd run directory (no {CONFIG})")
     saved = _flatten(yaml.safe_load(saved_file.read_text()))
     now = _flatten(resolved_dict(cfg))
-    ignored = {"train.epochs", "output_dir", "experiment"}
+    ignored = {"train.epochs", "output_dir", "experiment", "data.cache_dir"}
     differ = sorted(
         k for k in saved.keys() | now.keys() if k not in ignored and saved.get(k) != now.get(k)
     )

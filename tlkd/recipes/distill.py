@@ -36,7 +36,7 @@ def distill(
         cfg.distill = DistillConfig()
     _tasks_define_classes(cfg)
     reporter = reporter or Reporter(cfg.train.log_every)
-    exp = build_experiment(cfg)
+    exp = build_experiment(cfg, log=reporter.print)
     teachers = [
         build_teacher(t, _teacher_key(cfg, i), exp.loaders.mean, exp.loaders.std).to(exp.device)
         for i, t in enumerate(cfg.teacher_list)

@@ -109,12 +109,12 @@ def evaluate(
         run = None
     else:
         raise ConfigError(None, f"no such run directory or config file: {path}")
-    exp = build_experiment(cfg, for_training=False)
+    reporter = reporter or Reporter(cfg.train.log_every)
+    exp = build_experiment(cfg, for_training=False, log=reporter.print)
     if run is not None and exp.weights.head != "loaded":
         raise ConfigError(
             "data", "the evaluation data's classes differ from those the run was trained on"
         )
-    reporter = reporter or Reporter(cfg.train.log_every)
     logits, targets = predict(
         exp.model, exp.loaders.val, exp.device, exp.dtype, cfg.train.channels_last
     )

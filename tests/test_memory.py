@@ -1,0 +1,143 @@
+"""The in-memory data path: batch augmentation, the decoded-image cache, the automatic choice."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import error_line, small_config, write_images
+
+from tlkd.config.schema import AugmentConfig, DataConfig
+from tlkd.data import memory
+from tlkd.data.batch_aug import BatchAugment
+from tlkd.data.datasets import LabeledImages, build_splits
+
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+
+def _images(n=6, size=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
+
+
+def _identity(n):
+    return torch.tensor([[0.5, 0.5, 1.0, 1.0, 0, 0, 1, 1, 1]] * n)
+
+
+def test_identity_view_is_the_normalised_image_and_flips_mirror_it():
+    x = _images()
+    aug = BatchAugment(AugmentConfig(color_jitter=0.0), 12, MEAN, STD)
+    expected = (x.float() / 255 - 0.5) / 0.25
+    out = aug.apply(x, _identity(len(x)))
+    assert out.dtype == torch.float32 and out.shape == (6, 3, 12, 12)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+    flipped = _identity(len(x))
+    flipped[::2, 4] = 1  # every other image mirrored left-right
+    out = aug.apply(x, flipped)
+    torch.testing.assert_close(out[::2], expected[::2].flip(-1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[1::2], expected[1::2], atol=1e-5, rtol=0)
+    # the top-left quarter's box at half the size: exactly those pixels
+    quarter = _identity(len(x))
+    quarter[:, :4] = torch.tensor([0.25, 0.25, 0.5, 0.5])
+    out = BatchAugment(AugmentConfig(color_jitter=0.0), 6, MEAN, STD).apply(x, quarter)
+    torch.testing.assert_close(out, expected[..., :6, :6], atol=1e-5, rtol=0)
+
+
+def test_sampled_crops_respect_scale_ratio_and_flip_probability():
+    g = torch.Generator().manual_seed(0)
+    rrc = BatchAugment(AugmentConfig(scale=(0.25, 0.5), hflip=0.5, color_jitter=0.4), 32, MEAN, STD)
+    p = rrc.sample(4000, 32, 32, g)
+    area = p[:, 2] * p[:, 3]
+    assert area.min() > 0.2 and area.max() < 0.56  # pixel rounding around [0.25, 0.5]
+    assert (p[:, 0] - p[:, 2] / 2).min() >= 0 and (p[:, 0] + p[:, 2] / 2).max() <= 1
+    assert 0.45 < p[:, 4].mean() < 0.55 and p[:, 5].sum() == 0
+    assert p[:, 6:].min() >= 0.6 - 1e-6 and p[:, 6:].max() <= 1.4 + 1e-6
+    rkrr = BatchAugment(AugmentConfig(crop_mode="rkrr", scale=(0.5, 1.0)), 32, MEAN, STD)
+    p = rkrr.sample(4000, 32, 32, g)
+    # timm's rkrr: a random area zoom (half the time) and aspect change (half the time); the
+    # aspect change alone can make one side longer than the image (reflect-padded)
+    w = p[:, 2]
+    assert 0.4 < (w < 0.99).float().mean() < 0.8 and 0.18 < (w == 1).float().mean() < 0.32
+    assert w.min() > 1 / (2**0.5 * (4 / 3) ** 0.5) - 0.05 and w.max() < (4 / 3) ** 0.5 + 0.05
+
+
+def test_color_jitter_changes_brightness_within_bounds():
+    x = torch.full((2, 3, 4, 4), 100, dtype=torch.uint8)
+    aug = BatchAugment(AugmentConfig(color_jitter=0.5), 4, (0, 0, 0), (1, 1, 1))
+    params = _identity(2)
+    params[0, 6] = 1.5  # brighter
+    out = aug.apply(x, params)
+    torch.testing.assert_close(out[0], torch.full((3, 4, 4), 150 / 255), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[1], torch.full((3, 4, 4), 100 / 255), atol=1e-5, rtol=0)
+
+
+def _dataset(root) -> LabeledImages:
+    return build_splits(DataConfig(dataset="folder", train=root, val=root), 0).train
+
+
+def test_decoded_images_are_cached_and_invalidated_when_a_file_changes(tmp_path):
+    root = write_images(tmp_path / "imgs", per_class=3)
+    ds = _dataset(root)
+    logs: list[str] = []
+    first = memory.load_images(ds, None, "train", tmp_path / "cache", 0, logs.append)
+    assert first.shape == (9, 3, 16, 16) and first.dtype == torch.uint8 and len(logs) == 1
+    assert len(list((tmp_path / "cache" / "images").glob("*.npy"))) == 1
+    again = memory.load_images(ds, None, "train", tmp_path / "cache", 0, logs.append)
+    assert torch.equal(first, again) and len(logs) == 1  # read back, not decoded
+    # the decoded pixels are the files' pixels
+    img, _ = ds[4]
+    assert torch.equal(first[4], torch.from_numpy(np.array(img)).permute(2, 0, 1))
+    changed = ds.path(0)
+    write_images(tmp_path / "other", classes=("blue",), per_class=1, seed=9)
+    os.replace(tmp_path / "other" / "blue" / "000.png", changed)
+    third = memory.load_images(ds, None, "train", tmp_path / "cache", 0, logs.append)
+    assert len(logs) == 2 and not torch.equal(third[0], first[0])
+
+
+def test_images_of_mixed_sizes_raise_not_uniform(tmp_path):
+    root = write_images(tmp_path / "imgs", per_class=2)
+    write_images(tmp_path / "imgs", classes=("red",), per_class=1, size=20, seed=5)
+    with pytest.raises(memory.NotUniform):
+        memory.load_images(_dataset(root), None, "train", tmp_path / "cache", 0)
+
+
+def test_loader_replays_an_epoch_from_its_generator_state(tmp_path):
+    x = _images(n=20, size=16)
+    aug = BatchAugment(AugmentConfig(), 16, MEAN, STD)
+    g = torch.Generator().manual_seed(3)
+    loader = memory.MemoryLoader(
+        x, torch.arange(20), list(range(20)), 8, MEAN, STD, aug, g, drop_last=True
+    )
+    assert len(loader) == 2
+    state = g.get_state()
+    first = [b for b, _ in loader]
+    g.set_state(state)
+    second = [b for b, _ in loader]
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    assert not torch.equal(first[0], next(iter(loader))[0])  # the next epoch differs
+
+
+def test_runs_choose_the_data_path_and_say_why(tmp_path, squares, write_config, run_tlkd):
+    train, val = squares
+    cfg = small_config(tmp_path, train, val, train={"epochs": 1})
+    proc = run_tlkd("finetune", write_config(cfg, "auto.yaml"), "experiment=auto")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((tmp_path / "runs" / "auto" / "summary.json").read_text())
+    assert summary["data_path"].startswith("in memory")
+    assert "in memory" in proc.stdout
+    # per-image augmentation: auto falls back to loader workers, saying why
+    cfg["data"]["augment"] = {"auto_augment": "rand-m9-mstd0.5"}
+    proc = run_tlkd("finetune", write_config(cfg, "aa.yaml"), "experiment=aa")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((tmp_path / "runs" / "aa" / "summary.json").read_text())
+    assert "workers" in summary["data_path"] and "auto_augment" in summary["data_path"]
+    # ... and in_memory: true makes that an error naming the key
+    proc = run_tlkd("finetune", write_config(cfg, "aa.yaml"), "data.in_memory=true")
+    assert proc.returncode == 2
+    assert error_line(proc).startswith("error: data.in_memory: cannot hold the data in memory")
+    saved = yaml.safe_load((tmp_path / "runs" / "aa" / "config.yaml").read_text())
+    assert saved["data"]["in_memory"] == "auto"

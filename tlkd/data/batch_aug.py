@@ -1,0 +1,164 @@
+"""Training augmentation on whole batches of uint8 tensors (the in-memory data path).
+
+timm's transforms work on one PIL image at a time in DataLoader workers; on a small machine
+those workers compete with the model for the cores. Here every random choice of timm's
+crop modes (``rrc``, ``rkrc``, ``rkrr``), the flips and the brightness/contrast/saturation
+jitter is drawn per image as a row of numbers (``sample``), and the whole batch is then
+resampled with one ``grid_sample`` call and blended with a few tensor ops (``apply``). torch
+and torchvision have no batched, per-image-parameter version of these transforms, hence this
+module. Keeping the parameters explicit also lets the teacher cache store a view as a row.
+
+Differences from the PIL path, all small: bilinear/bicubic resampling without antialiasing,
+reflection padding by ``grid_sample``, and jitter applied in a fixed order (brightness,
+contrast, saturation) instead of a random one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from tlkd.config.schema import AugmentConfig
+
+# params columns: box centre x, y and size w, h as fractions of the source image, then
+# horizontal flip, vertical flip (0/1) and the brightness, contrast, saturation factors
+N_PARAMS = 9
+_GRID_MODE = {"bilinear": "bilinear", "bicubic": "bicubic", "nearest": "nearest"}
+
+
+def unsupported(aug: AugmentConfig) -> str | None:
+    """Why ``aug`` cannot run on batches (None when it can)."""
+    if aug.auto_augment:
+        return "data.augment.auto_augment runs per image"
+    if aug.re_prob > 0:
+        return "data.augment.re_prob (random erasing) runs per image"
+    return None
+
+
+@dataclass
+class BatchAugment:
+    """Random crop/resize, flips and colour jitter of a uint8 NCHW batch, then normalisation."""
+
+    aug: AugmentConfig
+    size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str = "bilinear"
+
+    def sample(self, n: int, height: int, width: int, g: torch.Generator) -> torch.Tensor:
+        """Parameters of ``n`` random views of ``height`` x ``width`` images: (n, N_PARAMS)."""
+        aug = self.aug
+        if aug.crop_mode == "rrc":
+            box = _rrc_boxes(n, height, width, aug.scale, aug.ratio, g)
+        else:
+            box = _rkr_boxes(n, height, width, self.size, aug, g)
+        flips = torch.rand(n, 2, generator=g) < torch.tensor([aug.hflip, aug.vflip])
+        cj = aug.color_jitter
+        jitter = 1 + (2 * torch.rand(n, 3, generator=g) - 1) * cj
+        return torch.cat([box, flips.float(), jitter.clamp_min(0)], dim=1)
+
+    def apply(self, images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """Views of uint8 ``images`` (N, C, H, W) given by ``params``: normalised float32."""
+        x = images.float().div_(255)
+        params = params.to(x.device)
+        cx, cy, w, h, hf, vf = params[:, :6].unbind(1)
+        theta = torch.zeros(len(x), 2, 3, device=x.device)
+        # output pixel (u, v) in [-1, 1] samples the box: centre + half size, mirrored by flips
+        theta[:, 0, 0] = w * (1 - 2 * hf)
+        theta[:, 1, 1] = h * (1 - 2 * vf)
+        theta[:, 0, 2] = 2 * cx - 1
+        theta[:, 1, 2] = 2 * cy - 1
+        grid = F.affine_grid(theta, [len(x), x.shape[1], self.size, self.size], align_corners=False)
+        x = F.grid_sample(
+            x,
+            grid,
+            mode=_GRID_MODE[self.interpolation],
+            padding_mode="reflection",
+            align_corners=False,
+        )
+        if self.aug.color_jitter > 0:
+            x = _jitter(x, params[:, 6:9])
+        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
+        return x.sub_(mean).div_(std)
+
+
+def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 NCHW -> normalised float32 (the eval path: images are stored already resized)."""
+    x = images.float().div_(255)
+    m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+    return x.sub_(m).div_(s)
+
+
+def _boxes(top: torch.Tensor, left: torch.Tensor, bh: torch.Tensor, bw: torch.Tensor, h, w):
+    """(cx, cy, w, h) as fractions of the image from a pixel box (may extend outside)."""
+    return torch.stack([(left + bw / 2) / w, (top + bh / 2) / h, bw / w, bh / h], dim=1)
+
+
+def _rrc_boxes(n, height, width, scale, ratio, g, tries: int = 10) -> torch.Tensor:
+    """torchvision's RandomResizedCrop.get_params, for ``n`` images at once."""
+    area = height * width
+    target = area * (scale[0] + (scale[1] - scale[0]) * torch.rand(n, tries, generator=g))
+    lo, hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(lo + (hi - lo) * torch.rand(n, tries, generator=g))
+    bw = torch.sqrt(target * aspect).round()
+    bh = torch.sqrt(target / aspect).round()
+    ok = (bw > 0) & (bw <= width) & (bh > 0) & (bh <= height)
+    first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((n,), -1))
+    # fallback when no try fits: the whole image, cropped to the nearest allowed ratio
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        fw, fh = width, round(width / min(ratio))
+    elif in_ratio > max(ratio):
+        fw, fh = round(height * max(ratio)), height
+    else:
+        fw, fh = width, height
+    rows = torch.arange(n)
+    pick = first.clamp_min(0)
+    bw = torch.where(first >= 0, bw[rows, pick], torch.tensor(float(fw)))
+    bh = torch.where(first >= 0, bh[rows, pick], torch.tensor(float(fh)))
+    u = torch.rand(n, 2, generator=g)
+    top = torch.where(first >= 0, (u[:, 0] * (height - bh + 1)).floor(), (height - bh) // 2)
+    left = torch.where(first >= 0, (u[:, 1] * (width - bw + 1)).floor(), (width - bw) // 2)
+    return _boxes(top, left, bh, bw, height, width)
+
+
+def _rkr_boxes(n, height, width, size, aug: AugmentConfig, g) -> torch.Tensor:
+    """timm's ResizeKeepRatio (random scale and aspect, each with probability 0.5) followed by
+    RandomCropOrPad (``rkrr``) or CenterCropOrPad (``rkrc``), as a box in the source image."""
+    ratio = min(height / size, width / size)
+    u = torch.rand(n, 6, generator=g)
+    s_lo, s_hi = aug.scale
+    factor = torch.where(u[:, 0] < 0.5, 1 / torch.sqrt(s_lo + (s_hi - s_lo) * u[:, 1]), 1.0)
+    a_lo, a_hi = math.log(aug.ratio[0]), math.log(aug.ratio[1])
+    aspect = torch.where(u[:, 2] < 0.5, torch.exp((a_lo + (a_hi - a_lo) * u[:, 3]) / 2), 1.0)
+    rh = (height * factor / aspect / ratio).round().clamp_min(1)  # the resized image
+    rw = (width * factor * aspect / ratio).round().clamp_min(1)
+    dh, dw = rh - size, rw - size
+    if aug.crop_mode == "rkrr":
+        top = torch.sign(dh) * (u[:, 4] * (dh.abs() + 1)).floor()
+        left = torch.sign(dw) * (u[:, 5] * (dw.abs() + 1)).floor()
+    else:
+        top, left = (dh / 2).round(), (dw / 2).round()
+    # output rows top..top+size of the resized image, in source pixels
+    sy, sx = height / rh, width / rw
+    return _boxes(top * sy, left * sx, size * sy, size * sx, height, width)
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    if x.shape[1] == 1:
+        return x
+    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).expand_as(x)
+
+
+def _jitter(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Brightness, contrast and saturation blends as torchvision defines them, per image."""
+    b, c, s = (f.view(-1, 1, 1, 1) for f in factors.unbind(1))
+    x = (x * b).clamp_(0, 1)
+    mean = _gray(x).mean(dim=(1, 2, 3), keepdim=True)
+    x = (c * x + (1 - c) * mean).clamp_(0, 1)
+    return (s * x + (1 - s) * _gray(x)).clamp_(0, 1)

@@ -1,0 +1,182 @@
+"""The in-memory data path: decode a dataset once into one uint8 tensor, keep it on disk
+between runs, and serve batches augmented on whole tensors (no per-image worker processes).
+
+Chosen by ``data.in_memory`` (auto: when the images fit the memory budget, the training images
+all have one size and the augmentation runs on batches). Training images are stored as decoded;
+val images are stored after the eval resize/crop (deterministic), so only normalisation remains.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from tlkd.data.batch_aug import BatchAugment, normalize
+from tlkd.data.datasets import LabeledImages
+
+CACHE_VERSION = 1
+MEMORY_FRACTION = 0.4  # of the memory available when the run starts
+
+
+class NotUniform(Exception):
+    """Training images of more than one size: they cannot share one tensor."""
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("TLKD_CACHE_DIR", "~/.cache/tlkd")).expanduser()
+
+
+def available_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: assume 4 GiB
+        return 4 << 30
+
+
+def estimate_bytes(ds: LabeledImages, pil_tf: Callable | None) -> int:
+    """Size of ``ds`` as uint8 tensors, judged by its first image."""
+    if len(ds) == 0:
+        return 0
+    img, _ = ds[0]
+    if pil_tf is not None:
+        img = pil_tf(img)
+    w, h = img.size
+    return len(ds) * w * h * 3
+
+
+class _Decoded(Dataset):
+    def __init__(self, ds: LabeledImages, pil_tf: Callable | None) -> None:
+        self.ds, self.pil_tf = ds, pil_tf
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        img, _ = self.ds[i]
+        if self.pil_tf is not None:
+            img = self.pil_tf(img)
+        return np.asarray(img, dtype=np.uint8)
+
+
+def _as_list(arrays: list[np.ndarray]) -> list[np.ndarray]:
+    return arrays
+
+
+def _file_key(ds: LabeledImages, tag: str) -> str | None:
+    """Digest of the files behind ``ds`` (paths, sizes, mtimes) and ``tag``; None when ``ds``
+    is not file-backed (those datasets are already arrays: decoded per run, not cached)."""
+    h = hashlib.sha256(f"v{CACHE_VERSION}|{tag}".encode())
+    for i in range(len(ds)):
+        path = ds.path(i)
+        if path is None:
+            return None
+        st = os.stat(path)
+        h.update(f"|{path}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:24]
+
+
+def load_images(
+    ds: LabeledImages,
+    pil_tf: Callable | None,
+    tag: str,
+    cache_dir: Path,
+    workers: int,
+    log: Callable[[str], None] = print,
+) -> torch.Tensor:
+    """``ds`` as one uint8 (N, 3, H, W) tensor, from ``cache_dir`` when decoded before.
+    ``pil_tf`` (a deterministic PIL transform, e.g. the eval resize/crop) runs before storing.
+    Raises NotUniform when the images differ in size."""
+    key = _file_key(ds, tag)
+    path = cache_dir / "images" / f"{key}.npy" if key else None
+    if path is not None and path.exists():
+        try:
+            return torch.from_numpy(np.load(path, allow_pickle=False))
+        except (OSError, ValueError):  # torn or foreign file: decode again
+            pass
+    if len(ds) == 0:
+        return torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
+    log(f"decoding {len(ds)} images into memory" + (f" (cache {path})" if path else ""))
+    loader = DataLoader(
+        _Decoded(ds, pil_tf), batch_size=256, num_workers=workers, collate_fn=_as_list
+    )
+    out: np.ndarray | None = None
+    pos = 0
+    for batch in loader:
+        for arr in batch:
+            if arr.ndim == 2:
+                arr = np.repeat(arr[:, :, None], 3, axis=2)
+            if out is None:
+                out = np.empty((len(ds), arr.shape[2], arr.shape[0], arr.shape[1]), np.uint8)
+            if arr.shape != (out.shape[2], out.shape[3], out.shape[1]):
+                raise NotUniform(f"{arr.shape[1]}x{arr.shape[0]} and {out.shape[3]}x{out.shape[2]}")
+            out[pos] = arr.transpose(2, 0, 1)
+            pos += 1
+    assert out is not None
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, out, allow_pickle=False)
+        os.replace(tmp, path)  # atomic: concurrent runs never read half a file
+    return torch.from_numpy(out)
+
+
+@dataclass
+class MemoryLoader:
+    """Batches of ``images[indices]`` with targets: augmented (train) or normalised (eval).
+
+    Has what the trainer uses of a DataLoader: ``sampler`` (with set_epoch), ``generator``
+    (its state at the epoch start replays the epoch's augmentation on resume) and ``len``.
+    """
+
+    images: torch.Tensor  # uint8 (N, 3, H, W)
+    targets: torch.Tensor  # int64 (N,)
+    sampler: Sequence[int] | torch.utils.data.Sampler
+    batch_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    augment: BatchAugment | None = None
+    generator: torch.Generator | None = None
+    device: torch.device = torch.device("cpu")
+    drop_last: bool = False
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def batches(self) -> Iterator[torch.Tensor]:
+        """Index tensors of the batches, in order."""
+        idx = torch.as_tensor(list(iter(self.sampler)), dtype=torch.long)
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            yield idx[start : start + self.batch_size]
+
+    def views(self, idx: torch.Tensor, params: torch.Tensor | None = None) -> torch.Tensor:
+        """The batch ``idx`` as model input; random views unless ``params`` fixes them."""
+        x = self.images[idx]
+        if self.device.type != "cpu":
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        if self.augment is None:
+            return normalize(x, self.mean, self.std)
+        if params is None:
+            params = self.augment.sample(len(idx), x.shape[2], x.shape[3], self.generator)
+        return self.augment.apply(x, params)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for idx in self.batches():
+            yield self.views(idx), self.targets[idx]
+
+
+def pil_stage(eval_tf: Callable) -> Callable:
+    """The PIL part of a timm eval transform (resize, crop): everything before ToTensor."""
+    steps = list(getattr(eval_tf, "transforms", []))
+    cut = next((i for i, t in enumerate(steps) if "ToTensor" in type(t).__name__), len(steps))
+    from torchvision.transforms import Compose
+
+    return Compose(steps[:cut])
