@@ -114,7 +114,8 @@ def small_config(
             "epochs": 2,
             "batch_size": 8,
             "device": "cpu",
-            "precision": "fp32",
+            "precision": "fp32",  # fixed: "auto" times candidates (tests/test_tune.py)
+            "channels_last": False,
             "log_every": 1000,
             "optimizer": {"name": "adamw", "lr": 0.01, "weight_decay": 0.0},
             "scheduler": {"name": "none"},

@@ -28,6 +28,8 @@ SMALL = [
     "train.batch_size=12",
     "train.epochs=1",
     "train.log_every=1000",
+    "train.precision=fp32",
+    "train.channels_last=false",
 ]
 
 

@@ -200,8 +200,9 @@ class TrainConfig(Section):
     accum_steps: PositiveInt = 1  # gradient accumulation
     clip_grad: PositiveFloat | None = None  # max gradient norm
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16/fp16 on cuda
-    channels_last: bool = False
+    # auto: bf16 (or fp16) on cuda; on cpu the faster of fp32 and bf16, timed at the start
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    channels_last: bool | Literal["auto"] = "auto"  # auto: on for cuda; timed on cpu
     sync_bn: bool = False  # torchrun on GPUs: SyncBatchNorm across processes
     deterministic: bool = False  # torch.use_deterministic_algorithms
     log_every: PositiveInt = 50  # steps between plain log lines (when not on a terminal)
@@ -298,6 +299,14 @@ class TaskConfig(Section):
     teacher: NonNegativeInt
 
 
+class CacheConfig(Section):
+    """Teacher outputs stored once for ``views`` random views of every training image and
+    reused by every run with the same teacher, data and augmentation (tlkd/distill/cache.py)."""
+
+    views: PositiveInt = 8  # stored views per image; 1 is exact for deterministic augmentation
+    seed: NonNegativeInt = 0  # of the stored views: keep it fixed to share a bank across seeds
+
+
 class DistillConfig(Section):
     losses: list[LossConfig] = Field(
         default_factory=lambda: [
@@ -307,6 +316,7 @@ class DistillConfig(Section):
         min_length=1,
     )
     tasks: list[TaskConfig] | None = None
+    cache: CacheConfig | None = None  # omit: the teacher runs live on every batch
 
 
 class SweepConfig(Section):

@@ -24,7 +24,7 @@ from tlkd.config.schema import Config
 from tlkd.config.suggest import did_you_mean
 from tlkd.data.datasets import Splits, build_splits
 from tlkd.data.pipeline import Loaders, build_loaders, resolve_input
-from tlkd.engine import distributed
+from tlkd.engine import distributed, tune
 from tlkd.engine.device import autocast_dtype, resolve_device, seed_everything
 from tlkd.engine.objectives import Objective
 from tlkd.engine.progress import Reporter
@@ -53,15 +53,20 @@ class Experiment:
 
 
 def build_experiment(
-    cfg: Config, *, for_training: bool = True, log: Callable[[str], None] | None = None
+    cfg: Config,
+    *,
+    for_training: bool = True,
+    log: Callable[[str], None] | None = None,
+    resume: Path | None = None,
 ) -> Experiment:
     """Validate what needs the file system or timm, then build data and model (no training).
-    Resolved values (image size, classes) are written back into ``cfg``."""
+    Resolved values (image size, classes, ``auto`` precision and memory layout) are written
+    back into ``cfg``; a resumed run keeps the values its first start chose."""
+    log = log or _log
     seed_everything(cfg.seed, cfg.train.deterministic)
     if for_training:
         _check_optimizer(cfg)
     device = resolve_device(cfg.train.device)
-    dtype = autocast_dtype(cfg.train.precision, device)
     subset_seed = cfg.data.subset_seed if cfg.data.subset_seed is not None else cfg.seed
     splits = build_splits(cfg.data, subset_seed)
     if cfg.model.num_classes is not None and cfg.model.num_classes != len(splits.classes):
@@ -73,10 +78,27 @@ def build_experiment(
     model, weights = build_model(cfg.model, len(splits.classes), splits.classes)
     model_cfg = resolve_input(cfg.data, model)
     model.to(device)
+    _resolve_knobs(cfg, model, model_cfg, device, for_training, log, resume)
+    dtype = autocast_dtype(cfg.train.precision, device)
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
-    loaders = build_loaders(cfg, splits, model_cfg, device, log or _log)
+    loaders = build_loaders(cfg, splits, model_cfg, device, log)
     return Experiment(cfg, splits, model, weights, loaders, device, dtype)
+
+
+def _resolve_knobs(cfg, model, model_cfg, device, for_training, log, resume) -> None:
+    t = cfg.train
+    if resume is not None and (resume / CONFIG).is_file():  # what the first start chose
+        saved = (yaml.safe_load((resume / CONFIG).read_text()) or {}).get("train", {})
+        if t.precision == "auto" and saved.get("precision") not in (None, "auto"):
+            t.precision = saved["precision"]
+        if t.channels_last == "auto" and isinstance(saved.get("channels_last"), bool):
+            t.channels_last = saved["channels_last"]
+    batch = min(t.batch_size // distributed.info().world, 128)
+    shape = (batch, int(model_cfg["input_size"][0]), cfg.data.image_size, cfg.data.image_size)
+    t.precision, t.channels_last = tune.choose(
+        t.precision, t.channels_last, model, device, shape, for_training, log
+    )
 
 
 def _log(message: str) -> None:

@@ -8,7 +8,17 @@ from typing import Any
 import torch
 
 from tlkd.config.schema import Config, DistillConfig
-from tlkd.distill.objective import Distillation
+from tlkd.data.memory import MemoryLoader, default_cache_dir
+from tlkd.distill.cache import (
+    CachedTeacher,
+    CachedViews,
+    Slot,
+    build_bank,
+    cached_value,
+    digest,
+    teacher_digest,
+)
+from tlkd.distill.objective import FEATURE_LOSSES, Distillation
 from tlkd.distill.teacher import Teacher, build_teacher
 from tlkd.engine.device import autocast
 from tlkd.engine.distributed import gather_cat
@@ -36,11 +46,14 @@ def distill(
         cfg.distill = DistillConfig()
     _tasks_define_classes(cfg)
     reporter = reporter or Reporter(cfg.train.log_every)
-    exp = build_experiment(cfg, log=reporter.print)
+    exp = build_experiment(cfg, log=reporter.print, resume=resume)
     teachers = [
         build_teacher(t, _teacher_key(cfg, i), exp.loaders.mean, exp.loaders.std).to(exp.device)
         for i, t in enumerate(cfg.teacher_list)
     ]
+    if cfg.train.channels_last:  # the student's chosen layout suits its teachers' convs too
+        for teacher in teachers:
+            teacher.to(memory_format=torch.channels_last)
     objective = Distillation(
         exp.model,
         teachers,
@@ -58,7 +71,21 @@ def distill(
             if teacher.classes is not None
             else teacher.num_classes == len(exp.classes)
         )
-        top1 = _teacher_top1(teacher, exp, cfg) if same_classes else None
+        top1 = None
+        if (
+            same_classes
+            and cfg.distill.cache is not None
+            and isinstance(exp.loaders.val, MemoryLoader)
+        ):  # the same teacher on the same val images: measured once
+            val = exp.loaders.val
+            key = digest(teacher_digest(teacher), val.images, val.targets, exp.dtype, "val_top1")
+            top1, _ = cached_value(
+                cfg.data.cache_dir or default_cache_dir(),
+                key,
+                lambda teacher=teacher: _teacher_top1(teacher, exp, cfg),
+            )
+        elif same_classes:
+            top1 = _teacher_top1(teacher, exp, cfg)
         shown = f"val top-1 {top1:.2f}%" if top1 is not None else "val top-1 n/a (other classes)"
         plan.append(f"teacher {i}   {teacher.name}: {teacher.params():,} parameters, {shown}")
         info.append({"name": teacher.name, "params": teacher.params(), "val_top1": top1})
@@ -68,9 +95,46 @@ def distill(
     )
     plan.append(f"losses      {losses}")
     summary_extra: dict[str, Any] = {"teachers": info}
+    if cfg.distill.cache is not None and not dry_run:
+        summary_extra["teacher_cache"] = _use_cache(cfg, exp, teachers, objective, reporter)
     if not dry_run:
         summary_extra.update(_speeds(exp, teachers, cfg))
     return train(exp, objective, "distill", reporter, dry_run, plan, summary_extra, resume)
+
+
+def _use_cache(cfg: Config, exp, teachers: list[Teacher], objective, reporter) -> dict[str, Any]:
+    """Swap the live teachers for the bank of stored views and logits (tlkd.distill.cache)."""
+    if not isinstance(exp.loaders.train, MemoryLoader):
+        raise ConfigError(
+            "distill.cache", f"needs the in-memory data path; this run uses {exp.loaders.note}"
+        )
+    for i, loss in enumerate(cfg.distill.losses):
+        if loss.type in FEATURE_LOSSES:
+            raise ConfigError(
+                f"distill.losses.{i}",
+                f"{loss.type} needs the teacher's feature maps, which distill.cache does not "
+                "store; remove distill.cache or use logit losses",
+            )
+    for i, t in enumerate(cfg.teacher_list):
+        if t.train_bn:
+            raise ConfigError(
+                f"{_teacher_key(cfg, i)}.train_bn",
+                "batch statistics make a teacher's outputs depend on the batch: not cacheable",
+            )
+    c = cfg.distill.cache
+    cache_dir = cfg.data.cache_dir or default_cache_dir()
+    bank = build_bank(
+        exp.loaders.train, teachers, objective.uses_teacher, c.views, c.seed, exp.dtype,
+        exp.device, cache_dir, reporter.print,
+    )  # fmt: skip
+    slot = Slot()
+    objective.teachers = [CachedTeacher(t, slot, i) for i, t in enumerate(teachers)]
+    exp.loaders.train = CachedViews(exp.loaders.train, bank, slot)
+    return {
+        "views": c.views,
+        "files": [str(f) for f in bank.files],
+        "build_s": round(bank.built_s, 3),
+    }
 
 
 def _teacher_key(cfg: Config, i: int) -> str:

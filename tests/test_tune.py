@@ -1,0 +1,51 @@
+"""``precision: auto`` / ``channels_last: auto``: timed on the CPU, recorded in the run."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+import yaml
+from conftest import small_config
+
+from tlkd.engine import tune
+
+
+def test_auto_times_the_candidates_and_records_the_choice(
+    tmp_path, squares, write_config, run_tlkd
+):
+    train, val = squares
+    cfg = small_config(tmp_path, train, val, train={"epochs": 1, "precision": "auto"})
+    cfg["train"]["channels_last"] = "auto"
+    proc = run_tlkd("finetune", write_config(cfg), "experiment=auto")
+    assert proc.returncode == 0, proc.stderr
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("auto "))
+    assert "fp32 " in line and "fp32+cl" in line and "steps/s" in line
+    saved = yaml.safe_load((tmp_path / "runs" / "auto" / "config.yaml").read_text())
+    assert saved["train"]["precision"] in ("fp32", "bf16")
+    assert isinstance(saved["train"]["channels_last"], bool)
+    summary = json.loads((tmp_path / "runs" / "auto" / "summary.json").read_text())
+    assert summary["precision"] == ("bfloat16" if saved["train"]["precision"] == "bf16" else "fp32")
+
+
+def test_fixed_settings_are_not_timed_and_a_clear_winner_is_chosen(monkeypatch):
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(2)
+    )
+    model(torch.zeros(1, 3, 8, 8))
+    calls = []
+
+    def fake(model, batch, dtype, channels_last, train, **_):
+        calls.append((dtype, channels_last))
+        return 0.5 if (dtype is torch.bfloat16 and channels_last) else 1.0
+
+    monkeypatch.setattr(tune, "step_time", fake)
+    monkeypatch.setattr(tune, "cpu_bf16_supported", lambda: True)
+    cpu = torch.device("cpu")
+    assert tune.choose("fp32", False, model, cpu, (2, 3, 8, 8), True, print) == ("fp32", False)
+    assert calls == []
+    assert tune.choose("auto", "auto", model, cpu, (2, 3, 8, 8), True, print) == ("bf16", True)
+    assert len(calls) == 4
+    # within the margin the plain setting stays
+    monkeypatch.setattr(tune, "step_time", lambda *a, **k: 1.0 if a[2] is None else 0.95)
+    assert tune.choose("auto", False, model, cpu, (2, 3, 8, 8), True, print) == ("fp32", False)

@@ -1,0 +1,122 @@
+"""``precision: auto`` and ``channels_last: auto``: settled per device and per model.
+
+On GPUs the choice is fixed (bf16 autocast where supported, else fp16; channels_last on). On
+CPUs the best setting depends on the model as much as on the CPU: on the 2-core AMX CPU of
+docs/performance.md, bf16 autocast with channels_last trains a CIFAR ResNet-20 2.2x faster than
+fp32, while the same settings make an ImageNet-stem ResNet-18 at 32 px 2x slower. So on CPUs
+``auto`` times a few forward/backward steps of a copy of the model on a random batch for each
+candidate and keeps the fastest (a default must win by 10% to be replaced). The choice is
+written into the run's config, so a rerun or resume uses the same settings without measuring.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from tlkd.engine import distributed
+from tlkd.engine.device import autocast
+
+MARGIN = 1.10  # a candidate must be this much faster than the plain setting to be chosen
+
+
+def cpu_bf16_supported() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def has_conv(model: nn.Module) -> bool:
+    return any(p.dim() == 4 for p in model.parameters())
+
+
+def step_time(
+    model: nn.Module,
+    batch: torch.Tensor,
+    dtype: torch.dtype | None,
+    channels_last: bool,
+    train: bool,
+    steps: int = 3,
+    warmup: int = 2,
+) -> float:
+    """Median seconds of one forward (+ backward when ``train``) of ``model`` on ``batch``."""
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    batch = batch.contiguous(memory_format=memory_format)
+    model.train(train)
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        with torch.set_grad_enabled(train), autocast(batch.device, dtype):
+            out = model(batch)
+        if train:
+            out.float().sum().backward()
+            model.zero_grad(set_to_none=True)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def choose(
+    precision: str,
+    channels_last: bool | str,
+    model: nn.Module,
+    device: torch.device,
+    batch_shape: tuple[int, ...],
+    train: bool,
+    log: Callable[[str], None],
+) -> tuple[str, bool]:
+    """Concrete (precision, channels_last) for ``auto`` settings; rank 0 decides under DDP."""
+    if precision != "auto" and channels_last != "auto":
+        return precision, bool(channels_last)
+    if device.type == "cuda":
+        bf16 = torch.cuda.is_bf16_supported()
+        return (
+            ("bf16" if bf16 else "fp16") if precision == "auto" else precision,
+            True if channels_last == "auto" else bool(channels_last),
+        )
+    if device.type != "cpu":  # mps: plain settings
+        return (
+            "fp32" if precision == "auto" else precision,
+            False if channels_last == "auto" else bool(channels_last),
+        )
+    precisions = [precision] if precision != "auto" else ["fp32"]
+    if precision == "auto" and cpu_bf16_supported():
+        precisions.append("bf16")
+    layouts = [bool(channels_last)] if channels_last != "auto" else [False]
+    if channels_last == "auto" and has_conv(model):
+        layouts.append(True)
+    if len(precisions) * len(layouts) == 1:
+        return precisions[0], layouts[0]
+    chosen = None
+    if distributed.info().is_main:
+        chosen, timings = _measure(model, device, batch_shape, train, precisions, layouts)
+        shown = ", ".join(f"{p}{'+cl' if c else ''} {1 / t:.1f} steps/s" for (p, c), t in timings)
+        log(
+            f"auto        measured {shown}: precision {chosen[0]}, "
+            f"channels_last {str(chosen[1]).lower()}"
+        )
+    return distributed.broadcast(chosen)
+
+
+def _measure(model, device, batch_shape, train, precisions, layouts):
+    probe = copy.deepcopy(model)  # BatchNorm statistics and gradients of the real model untouched
+    for p in probe.parameters():
+        p.requires_grad_(True)
+    batch = torch.randn(batch_shape, device=device)
+    timings = []
+    for p in precisions:
+        for cl in layouts:
+            dtype = torch.bfloat16 if p == "bf16" else None
+            timings.append(((p, cl), step_time(probe, batch, dtype, cl, train)))
+    base = timings[0][1]
+    best, best_t = timings[0]
+    for key, t in timings[1:]:
+        if t * MARGIN < base and t < best_t:
+            best, best_t = key, t
+    return best, timings
