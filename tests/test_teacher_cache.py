@@ -115,3 +115,10 @@ def test_the_cache_refuses_feature_losses_and_the_file_path(tmp_path):
             assert err.key == key, (extra, err)
         else:
             raise AssertionError(f"{extra} was accepted")
+
+
+def test_channels_last_distillation_with_the_cache_runs(tmp_path):
+    summary = distill(
+        _distill_cfg(tmp_path, "cl", "train.channels_last=true", "distill.cache.views=2")
+    )
+    assert summary["status"] == "finished" and summary["teacher_cache"]["views"] == 2

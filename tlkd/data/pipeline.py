@@ -76,7 +76,7 @@ def build_transforms(data: DataConfig, model_cfg: dict) -> tuple[Callable, Calla
         ratio=tuple(aug.ratio),
         hflip=aug.hflip,
         vflip=aug.vflip,
-        color_jitter=aug.color_jitter,
+        color_jitter=aug.color_jitter or None,  # timm keeps a no-op ColorJitter for 0
         auto_augment=aug.auto_augment,
         re_prob=aug.re_prob,
         **common,

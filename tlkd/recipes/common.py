@@ -158,6 +158,16 @@ def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, updates_per_e
     return scheduler
 
 
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (MiB; 0 where not measurable)."""
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    except (ImportError, OSError):
+        return 0.0
+
+
 def versions() -> dict[str, str]:
     return {
         "python": platform.python_version(),
@@ -235,6 +245,7 @@ def write_summary(
         "skipped_images": len(exp.splits.bad_images),
         "skipped_image_files": exp.splits.bad_images[:50],
         "data_path": exp.loaders.note,
+        "peak_rss_mb": round(peak_rss_mb(), 1),
         "device": str(exp.device),
         "precision": str(exp.dtype or "fp32").replace("torch.", ""),
         "weights_source": exp.weights.source,

@@ -53,7 +53,7 @@ def distill(
     ]
     if cfg.train.channels_last:  # the student's chosen layout suits its teachers' convs too
         for teacher in teachers:
-            teacher.to(memory_format=torch.channels_last)
+            teacher.model.to(memory_format=torch.channels_last)
     objective = Distillation(
         exp.model,
         teachers,

@@ -115,9 +115,11 @@ def evaluate(
         raise ConfigError(
             "data", "the evaluation data's classes differ from those the run was trained on"
         )
+    t0 = time.perf_counter()
     logits, targets = predict(
         exp.model, exp.loaders.val, exp.device, exp.dtype, cfg.train.channels_last
     )
+    predict_s = time.perf_counter() - t0
     n = len(exp.classes)
     probs = logits.softmax(dim=1)
     predicted = logits.argmax(dim=1)
@@ -133,6 +135,10 @@ def evaluate(
         "model": cfg.model.name,
         "weights": exp.weights.source,
         "images": len(targets),
+        "predict_img_per_s": len(targets) / predict_s,  # the pass over the data, loading included
+        "data_path": exp.loaders.note,
+        "precision": cfg.train.precision,
+        "channels_last": cfg.train.channels_last,
         "top1": topk_accuracy(logits, targets, 1),
         "top5": topk_accuracy(logits, targets, 5),
         "loss": F.cross_entropy(logits, targets).item(),
