@@ -17,6 +17,7 @@ def test_auto_times_the_candidates_and_records_the_choice(
     train, val = squares
     cfg = small_config(tmp_path, train, val, train={"epochs": 1, "precision": "auto"})
     cfg["train"]["channels_last"] = "auto"
+    cfg["data"]["cache_dir"] = str(tmp_path / "cache")  # nothing measured before
     proc = run_tlkd("finetune", write_config(cfg), "experiment=auto")
     assert proc.returncode == 0, proc.stderr
     line = next(x for x in proc.stdout.splitlines() if x.startswith("auto "))
@@ -26,9 +27,14 @@ def test_auto_times_the_candidates_and_records_the_choice(
     assert isinstance(saved["train"]["channels_last"], bool)
     summary = json.loads((tmp_path / "runs" / "auto" / "summary.json").read_text())
     assert summary["precision"] == ("bfloat16" if saved["train"]["precision"] == "bf16" else "fp32")
+    # the next run reuses the measurement
+    proc = run_tlkd("finetune", write_config(cfg), "experiment=again")
+    assert "measured before" in proc.stdout, proc.stdout
+    again = yaml.safe_load((tmp_path / "runs" / "again" / "config.yaml").read_text())
+    assert again["train"]["precision"] == saved["train"]["precision"]
 
 
-def test_fixed_settings_are_not_timed_and_a_clear_winner_is_chosen(monkeypatch):
+def test_fixed_settings_are_not_timed_and_a_clear_winner_is_chosen(monkeypatch, tmp_path):
     model = torch.nn.Sequential(
         torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(2)
     )
@@ -41,11 +47,15 @@ def test_fixed_settings_are_not_timed_and_a_clear_winner_is_chosen(monkeypatch):
 
     monkeypatch.setattr(tune, "step_time", fake)
     monkeypatch.setattr(tune, "cpu_bf16_supported", lambda: True)
-    cpu = torch.device("cpu")
-    assert tune.choose("fp32", False, model, cpu, (2, 3, 8, 8), True, print) == ("fp32", False)
+    cpu, shape = torch.device("cpu"), (2, 3, 8, 8)
+    cache = tmp_path / "cache"
+    assert tune.choose("fp32", False, model, cpu, shape, True, print, cache) == ("fp32", False)
     assert calls == []
-    assert tune.choose("auto", "auto", model, cpu, (2, 3, 8, 8), True, print) == ("bf16", True)
+    assert tune.choose("auto", "auto", model, cpu, shape, True, print, cache) == ("bf16", True)
+    assert len(calls) == 4
+    # measured once: the next run with the same model and shapes reuses the choice
+    assert tune.choose("auto", "auto", model, cpu, shape, True, print, cache) == ("bf16", True)
     assert len(calls) == 4
     # within the margin the plain setting stays
     monkeypatch.setattr(tune, "step_time", lambda *a, **k: 1.0 if a[2] is None else 0.95)
-    assert tune.choose("auto", False, model, cpu, (2, 3, 8, 8), True, print) == ("fp32", False)
+    assert tune.choose("auto", False, model, cpu, shape, True, print, cache) == ("fp32", False)

@@ -140,13 +140,17 @@ def build_bank(
 
 
 @torch.inference_mode()
-def _teacher_logits(loader, teacher, params, dtype, device, batch: int = 256) -> torch.Tensor:
+def _teacher_logits(loader, teacher, params, dtype, device, batch: int = 512) -> torch.Tensor:
     n, views, _ = params.shape
+    weights = [p for p in teacher.model.parameters() if p.dim() == 4]
+    channels_last = bool(weights) and weights[0].is_contiguous(memory_format=torch.channels_last)
     out = None
     for k in range(views):
         for start in range(0, n, batch):
             idx = torch.arange(start, min(start + batch, n))
             x = loader.views(idx, params[idx, k])
+            if channels_last:  # the layout the teacher's weights are in
+                x = x.contiguous(memory_format=torch.channels_last)
             with autocast(device, dtype):
                 logits, _ = teacher(x.to(device))
             if out is None:

@@ -6,14 +6,18 @@ docs/performance.md, bf16 autocast with channels_last trains a CIFAR ResNet-20 2
 fp32, while the same settings make an ImageNet-stem ResNet-18 at 32 px 2x slower. So on CPUs
 ``auto`` times a few forward/backward steps of a copy of the model on a random batch for each
 candidate and keeps the fastest (a default must win by 10% to be replaced). The choice is
-written into the run's config, so a rerun or resume uses the same settings without measuring.
+written into the run's config, so a rerun or resume uses the same settings without measuring,
+and remembered in the cache folder, so the runs of a sweep share one measurement.
 """
 
 from __future__ import annotations
 
 import copy
+import json
+import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -70,8 +74,10 @@ def choose(
     batch_shape: tuple[int, ...],
     train: bool,
     log: Callable[[str], None],
+    cache_dir: Path,
 ) -> tuple[str, bool]:
-    """Concrete (precision, channels_last) for ``auto`` settings; rank 0 decides under DDP."""
+    """Concrete (precision, channels_last) for ``auto`` settings; rank 0 decides under DDP.
+    A measurement is remembered in ``cache_dir`` for the same model, shapes, CPU and torch."""
     if precision != "auto" and channels_last != "auto":
         return precision, bool(channels_last)
     if device.type == "cuda":
@@ -95,13 +101,65 @@ def choose(
         return precisions[0], layouts[0]
     chosen = None
     if distributed.info().is_main:
-        chosen, timings = _measure(model, device, batch_shape, train, precisions, layouts)
-        shown = ", ".join(f"{p}{'+cl' if c else ''} {1 / t:.1f} steps/s" for (p, c), t in timings)
-        log(
-            f"auto        measured {shown}: precision {chosen[0]}, "
-            f"channels_last {str(chosen[1]).lower()}"
-        )
+        key = _key(model, batch_shape, train, precisions, layouts)
+        known = _read(cache_dir)
+        if key in known:  # measured before on this machine: every run of a sweep agrees
+            chosen = tuple(known[key])
+            log(
+                f"auto        precision {chosen[0]}, channels_last {str(chosen[1]).lower()} "
+                f"(measured before, {cache_dir / TUNE_FILE})"
+            )
+        else:
+            chosen, timings = _measure(model, device, batch_shape, train, precisions, layouts)
+            shown = ", ".join(
+                f"{p}{'+cl' if c else ''} {1 / t:.1f} steps/s" for (p, c), t in timings
+            )
+            log(
+                f"auto        measured {shown}: precision {chosen[0]}, "
+                f"channels_last {str(chosen[1]).lower()}"
+            )
+            _write(cache_dir, key, chosen)
     return distributed.broadcast(chosen)
+
+
+TUNE_FILE = "tune.json"
+
+
+def _key(model, batch_shape, train, precisions, layouts) -> str:
+    """What the measurement depends on: model, shapes, candidates, CPU and torch."""
+    import platform
+
+    params = sum(p.numel() for p in model.parameters())
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if "model name" in ln), cpu)
+    except OSError:
+        pass
+    threads = torch.get_num_threads()
+    return (
+        f"{type(model).__name__}|{params}|{list(batch_shape)}|{train}|{precisions}|{layouts}|"
+        f"{cpu}|{threads} threads|torch {torch.__version__}"
+    )
+
+
+def _read(cache_dir: Path) -> dict:
+    try:
+        return json.loads((cache_dir / TUNE_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write(cache_dir: Path, key: str, chosen: tuple[str, bool]) -> None:
+    known = _read(cache_dir)
+    known[key] = list(chosen)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = cache_dir / f"{TUNE_FILE}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(known, indent=1))
+        os.replace(tmp, cache_dir / TUNE_FILE)
+    except OSError:  # a read-only cache: measure again next time
+        pass
 
 
 def _measure(model, device, batch_shape, train, precisions, layouts):

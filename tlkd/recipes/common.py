@@ -23,6 +23,7 @@ from tlkd.config.loader import resolved_dict
 from tlkd.config.schema import Config
 from tlkd.config.suggest import did_you_mean
 from tlkd.data.datasets import Splits, build_splits
+from tlkd.data.memory import default_cache_dir
 from tlkd.data.pipeline import Loaders, build_loaders, resolve_input
 from tlkd.engine import distributed, tune
 from tlkd.engine.device import autocast_dtype, resolve_device, seed_everything
@@ -97,8 +98,9 @@ def _resolve_knobs(cfg, model, model_cfg, device, for_training, log, resume) -> 
     batch = min(t.batch_size // distributed.info().world, 128)
     shape = (batch, int(model_cfg["input_size"][0]), cfg.data.image_size, cfg.data.image_size)
     t.precision, t.channels_last = tune.choose(
-        t.precision, t.channels_last, model, device, shape, for_training, log
-    )
+        t.precision, t.channels_last, model, device, shape, for_training, log,
+        cfg.data.cache_dir or default_cache_dir(),
+    )  # fmt: skip
 
 
 def _log(message: str) -> None:
