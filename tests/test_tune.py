@@ -41,8 +41,9 @@ def test_fixed_settings_are_not_timed_and_a_clear_winner_is_chosen(monkeypatch, 
     model(torch.zeros(1, 3, 8, 8))
     calls = []
 
-    def fake(model, batch, dtype, channels_last, train, **_):
-        calls.append((dtype, channels_last))
+    def fake(model, batch, dtype, channels_last, train, steps=3, **_):
+        if steps > 1:  # not the one step that sizes the batch
+            calls.append((dtype, channels_last))
         return 0.5 if (dtype is torch.bfloat16 and channels_last) else 1.0
 
     monkeypatch.setattr(tune, "step_time", fake)
@@ -59,3 +60,33 @@ def test_fixed_settings_are_not_timed_and_a_clear_winner_is_chosen(monkeypatch, 
     # within the margin the plain setting stays
     monkeypatch.setattr(tune, "step_time", lambda *a, **k: 1.0 if a[2] is None else 0.95)
     assert tune.choose("auto", False, model, cpu, shape, True, print, cache) == ("fp32", False)
+
+
+def test_a_large_model_is_timed_on_a_smaller_batch(monkeypatch, tmp_path):
+    """Measuring stays bounded: a batch whose plain step would take long is cut down."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))
+    sizes = []
+
+    def fake(model, batch, dtype, channels_last, train, steps=3, **_):
+        sizes.append(len(batch))
+        return 0.1 * len(batch)  # 0.1 s an image
+
+    monkeypatch.setattr(tune, "step_time", fake)
+    monkeypatch.setattr(tune, "cpu_bf16_supported", lambda: True)
+    shape = (128, 3, 8, 8)
+    tune.choose("auto", "auto", model, torch.device("cpu"), shape, True, print, tmp_path)
+    assert sizes[0] == 4  # the sizing step
+    assert sizes[1:] == [int(tune.STEP_BUDGET_S / 0.1)] * 4
+
+
+def test_a_dry_run_measures_nothing(tmp_path, squares, write_config, run_tlkd):
+    train, val = squares
+    cfg = small_config(tmp_path, train, val, train={"epochs": 1, "precision": "auto"})
+    cfg["train"]["channels_last"] = "auto"
+    cfg["data"]["cache_dir"] = str(tmp_path / "cache")
+    proc = run_tlkd("finetune", write_config(cfg), "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert "measured" not in proc.stdout.replace("measured when the run starts", "")
+    assert not (tmp_path / "cache" / tune.TUNE_FILE).exists()
+    if tune.cpu_bf16_supported():
+        assert "precision auto (measured when the run starts)" in proc.stdout

@@ -75,9 +75,11 @@ def choose(
     train: bool,
     log: Callable[[str], None],
     cache_dir: Path,
-) -> tuple[str, bool]:
+    measure: bool = True,
+) -> tuple[str | bool, ...]:
     """Concrete (precision, channels_last) for ``auto`` settings; rank 0 decides under DDP.
-    A measurement is remembered in ``cache_dir`` for the same model, shapes, CPU and torch."""
+    A measurement is remembered in ``cache_dir`` for the same model, shapes, CPU and torch.
+    With ``measure`` off (dry runs) an unmeasured CPU setting stays ``auto``."""
     if precision != "auto" and channels_last != "auto":
         return precision, bool(channels_last)
     if device.type == "cuda":
@@ -109,6 +111,8 @@ def choose(
                 f"auto        precision {chosen[0]}, channels_last {str(chosen[1]).lower()} "
                 f"(measured before, {cache_dir / TUNE_FILE})"
             )
+        elif not measure:
+            return precision, channels_last
         else:
             chosen, timings = _measure(model, device, batch_shape, train, precisions, layouts)
             shown = ", ".join(
@@ -162,11 +166,18 @@ def _write(cache_dir: Path, key: str, chosen: tuple[str, bool]) -> None:
         pass
 
 
+STEP_BUDGET_S = 1.5  # larger models are timed on a smaller batch: measuring stays under ~30 s
+
+
 def _measure(model, device, batch_shape, train, precisions, layouts):
     probe = copy.deepcopy(model)  # BatchNorm statistics and gradients of the real model untouched
     for p in probe.parameters():
         p.requires_grad_(True)
     batch = torch.randn(batch_shape, device=device)
+    # one plain step on 4 images sizes the batch: a ResNet-50 at 224 px would otherwise take
+    # minutes here (20 steps of batch 64 on 2 cores); a CIFAR model keeps its real batch
+    per_image = step_time(probe, batch[:4], None, False, train, steps=1, warmup=1) / 4
+    batch = batch[: max(4, min(len(batch), int(STEP_BUDGET_S / max(per_image, 1e-9))))]
     timings = []
     for p in precisions:
         for cl in layouts:
