@@ -25,7 +25,7 @@ def _images(n=6, size=12, seed=0):
 
 
 def _identity(n):
-    return torch.tensor([[0.5, 0.5, 1.0, 1.0, 0, 0, 1, 1, 1]] * n)
+    return torch.tensor([[0.5, 0.5, 1.0, 1.0, 0, 0, 1, 1, 1, 0]] * n)
 
 
 def test_identity_view_is_the_normalised_image_and_flips_mirror_it():
@@ -55,7 +55,7 @@ def test_sampled_crops_respect_scale_ratio_and_flip_probability():
     assert area.min() > 0.2 and area.max() < 0.56  # pixel rounding around [0.25, 0.5]
     assert (p[:, 0] - p[:, 2] / 2).min() >= 0 and (p[:, 0] + p[:, 2] / 2).max() <= 1
     assert 0.45 < p[:, 4].mean() < 0.55 and p[:, 5].sum() == 0
-    assert p[:, 6:].min() >= 0.6 - 1e-6 and p[:, 6:].max() <= 1.4 + 1e-6
+    assert p[:, 6:9].min() >= 0.6 - 1e-6 and p[:, 6:9].max() <= 1.4 + 1e-6
     rkrr = BatchAugment(AugmentConfig(crop_mode="rkrr", scale=(0.5, 1.0)), 32, MEAN, STD)
     p = rkrr.sample(4000, 32, 32, g)
     # timm's rkrr: a random area zoom (half the time) and aspect change (half the time); the

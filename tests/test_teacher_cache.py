@@ -41,7 +41,7 @@ def test_cached_logits_are_the_teachers_on_the_views_served(tmp_path):
     logs: list[str] = []
     cpu = torch.device("cpu")
     bank = build_bank(loader, [teacher], [True], 3, 0, None, cpu, tmp_path, logs.append)
-    assert bank.params.shape == (20, 3, 9) and bank.logits[0].shape == (20, 3, 10)
+    assert bank.params.shape == (20, 3, 10) and bank.logits[0].shape == (20, 3, 10)
     assert bank.built_s > 0 and "20 images x 3 views" in logs[0]
     slot = Slot()
     seen_views = set()

@@ -72,6 +72,10 @@ def _train_command(
 
         if mode == "distill":
             from tlkd.recipes.distill import distill as recipe
+        elif mode == "adapt":
+            from tlkd.recipes.adapt import adapt as recipe
+        elif mode == "pretrain":
+            from tlkd.recipes.pretrain import pretrain as recipe
         else:
             from tlkd.recipes.finetune import finetune as recipe
         overrides_ = list(overrides or [])
@@ -110,6 +114,30 @@ def distill(
 ) -> None:
     """Distil one or more frozen teachers into the student the experiment file names."""
     _train_command("distill", config, overrides, dry_run, quiet, resume)
+
+
+@app.command()
+def adapt(
+    config: str = CONFIG_ARG,
+    overrides: list[str] = OVERRIDES,
+    dry_run: bool = DRY_RUN,
+    quiet: bool = QUIET,
+    resume: str = RESUME,
+) -> None:
+    """Adapt a model to an unlabelled target domain (AdaBN, pseudo-labels or DANN)."""
+    _train_command("adapt", config, overrides, dry_run, quiet, resume)
+
+
+@app.command()
+def pretrain(
+    config: str = CONFIG_ARG,
+    overrides: list[str] = OVERRIDES,
+    dry_run: bool = DRY_RUN,
+    quiet: bool = QUIET,
+    resume: str = RESUME,
+) -> None:
+    """Self-supervised pretraining (SimCLR) of a backbone on unlabelled images."""
+    _train_command("pretrain", config, overrides, dry_run, quiet, resume)
 
 
 @app.command()

@@ -134,6 +134,10 @@ def _absolute_paths(cfg: Config) -> Config:
         data.train = data.train.expanduser().resolve()
     if data.val is not None:
         data.val = data.val.expanduser().resolve()
+    if data.unlabeled is not None:
+        data.unlabeled = data.unlabeled.expanduser().resolve()
+    if cfg.adapt is not None and cfg.adapt.source_val is not None:
+        cfg.adapt.source_val = cfg.adapt.source_val.expanduser().resolve()
     if data.cache_dir is not None:
         data.cache_dir = data.cache_dir.expanduser().resolve()
     if isinstance(cfg.model.pretrained, str):

@@ -51,7 +51,7 @@ class ModelConfig(Section):
     name: str = "resnet18"
     # true: timm's hub weights; false: random init; a string: weights file or tlkd run dir.
     pretrained: bool | str = False
-    num_classes: PositiveInt | None = None  # defaults to the data's class count
+    num_classes: NonNegativeInt | None = None  # default: the data's class count; 0: none (pretrain)
     freeze: Literal["none", "backbone"] | list[str] = "none"
     freeze_bn_stats: bool = True  # BatchNorm layers inside frozen modules keep their statistics
     unfreeze_after: PositiveInt | None = None  # epochs after which frozen modules train too
@@ -95,6 +95,7 @@ class AugmentConfig(Section):
     hflip: float = Field(0.5, ge=0.0, le=1.0)
     vflip: float = Field(0.0, ge=0.0, le=1.0)
     color_jitter: NonNegativeFloat = 0.4
+    grayscale: float = Field(0.0, ge=0.0, le=1.0)  # probability of a grey image (SimCLR: 0.2)
     auto_augment: str | None = None  # e.g. "rand-m9-mstd0.5" (timm RandAugment string)
     re_prob: float = Field(0.0, ge=0.0, le=1.0)  # random erasing
 
@@ -112,6 +113,8 @@ class DataConfig(Section):
     dataset: str | None = None
     train: Path | None = None
     val: Path | None = None
+    unlabeled: Path | None = None  # adapt: the target domain; pretrain: the images (no labels)
+    unlabeled_limit: PositiveInt | None = None  # at most this many of them (seeded subset)
     root: Path = Path("~/.cache/tlkd/datasets")  # torchvision datasets live (or download) here
     download: bool = False
     image_size: PositiveInt | None = None  # default: the model's, or 32 for tiny-image datasets
@@ -159,7 +162,8 @@ class DataConfig(Section):
         if self.samples_per_class is not None and self.fraction is not None:
             raise ValueError("set samples_per_class or fraction, not both")
         if self.dataset is None:
-            self.dataset = "folder" if self.train is not None else "digits"
+            folders = (self.train, self.val, self.unlabeled)
+            self.dataset = "folder" if any(f is not None for f in folders) else "digits"
         if self.dataset == "folder" and self.train is None and self.val is None:
             raise ValueError("dataset 'folder' needs data.train (an image folder)")
         if self.dataset != "folder" and (self.train is not None or self.val is not None):
@@ -192,7 +196,7 @@ class SchedulerConfig(Section):
 class TrainConfig(Section):
     """The training loop shared by every mode."""
 
-    epochs: PositiveInt = 10
+    epochs: NonNegativeInt = 10  # 0 only for adapt.method: adabn (statistics, no training)
     batch_size: PositiveInt = 64
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
@@ -319,6 +323,28 @@ class DistillConfig(Section):
     cache: CacheConfig | None = None  # omit: the teacher runs live on every batch
 
 
+class AdaptConfig(Section):
+    """Domain adaptation (``tlkd adapt``): labelled source ``data.train``, unlabelled target
+    ``data.unlabeled``, labelled target ``data.val``."""
+
+    method: Literal["adabn", "pseudo_label", "dann"]
+    weight: NonNegativeFloat = 1.0  # of the target term (pseudo-label CE, domain loss)
+    threshold: float = Field(0.95, gt=0.0, le=1.0)  # pseudo_label: confidence to keep a label
+    warmup_epochs: NonNegativeInt = 0  # pseudo_label, dann: source-only epochs first
+    hidden: PositiveInt = 256  # dann: width of the domain discriminator
+    source_val: Path | None = None  # a labelled source-domain val folder, scored every epoch
+
+
+class PretrainConfig(Section):
+    """Self-supervised pretraining (``tlkd pretrain``) on ``data.unlabeled``."""
+
+    method: Literal["simclr"] = "simclr"
+    temperature: PositiveFloat = 0.2  # of the NT-Xent loss
+    proj_dim: PositiveInt = 128  # projection head output
+    proj_hidden: PositiveInt = 512
+    knn_k: PositiveInt = 20  # the k-NN monitor on the labelled data.val (leave-one-out)
+
+
 class SweepConfig(Section):
     """``grid: {key.path: [values...]}``: every combination runs (``tlkd sweep``)."""
 
@@ -346,6 +372,8 @@ class Config(Section):
     teacher: TeacherConfig | None = None  # distill: one teacher ...
     teachers: list[TeacherConfig] | None = Field(None, min_length=1)  # ... or several
     distill: DistillConfig | None = None
+    adapt: AdaptConfig | None = None  # tlkd adapt
+    pretrain: PretrainConfig | None = None  # tlkd pretrain
 
     @property
     def teacher_list(self) -> list[TeacherConfig]:
@@ -366,6 +394,10 @@ class Config(Section):
             for key, ref in refs:
                 if ref is not None and n and ref >= n:
                     raise ValueError(f"{key}.teacher: no teacher {ref} (there are {n})")
+        if self.train.epochs == 0 and (self.adapt is None or self.adapt.method != "adabn"):
+            raise ValueError(
+                "train.epochs: must be at least 1 (0, no training, is for adapt.method: adabn)"
+            )
         if self.model.unfreeze_after is not None:
             if self.model.freeze == "none":
                 raise ValueError("model.unfreeze_after needs model.freeze (nothing is frozen)")

@@ -2,15 +2,16 @@
 
 timm's transforms work on one PIL image at a time in DataLoader workers; on a small machine
 those workers compete with the model for the cores. Here every random choice of timm's
-crop modes (``rrc``, ``rkrc``, ``rkrr``), the flips and the brightness/contrast/saturation
-jitter is drawn per image as a row of numbers (``sample``), and the whole batch is then
-resampled with one ``grid_sample`` call and blended with a few tensor ops (``apply``). torch
+crop modes (``rrc``, ``rkrc``, ``rkrr``), the flips, the brightness/contrast/saturation
+jitter and random greyscale is drawn per image as a row of numbers (``sample``), and the whole
+batch is then resampled with one ``grid_sample`` call and blended with a few tensor ops
+(``apply``). torch
 and torchvision have no batched, per-image-parameter version of these transforms, hence this
 module. Keeping the parameters explicit also lets the teacher cache store a view as a row.
 
 Differences from the PIL path, all small: bilinear/bicubic resampling without antialiasing,
 reflection padding by ``grid_sample``, and jitter applied in a fixed order (brightness,
-contrast, saturation) instead of a random one.
+contrast, saturation) instead of a random one, then the random grey.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ import torch.nn.functional as F
 from tlkd.config.schema import AugmentConfig
 
 # params columns: box centre x, y and size w, h as fractions of the source image, then
-# horizontal flip, vertical flip (0/1) and the brightness, contrast, saturation factors
-N_PARAMS = 9
+# horizontal flip, vertical flip (0/1), the brightness, contrast, saturation factors and
+# grey (0/1)
+N_PARAMS = 10
 _GRID_MODE = {"bilinear": "bilinear", "bicubic": "bicubic", "nearest": "nearest"}
 
 
@@ -58,7 +60,8 @@ class BatchAugment:
         flips = torch.rand(n, 2, generator=g) < torch.tensor([aug.hflip, aug.vflip])
         cj = aug.color_jitter
         jitter = 1 + (2 * torch.rand(n, 3, generator=g) - 1) * cj
-        return torch.cat([box, flips.float(), jitter.clamp_min(0)], dim=1)
+        grey = torch.rand(n, 1, generator=g) < aug.grayscale
+        return torch.cat([box, flips.float(), jitter.clamp_min(0), grey.float()], dim=1)
 
     def apply(self, images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         """Views of uint8 ``images`` (N, C, H, W) given by ``params``: normalised float32."""
@@ -81,6 +84,9 @@ class BatchAugment:
         )
         if self.aug.color_jitter > 0:
             x = _jitter(x, params[:, 6:9])
+        if self.aug.grayscale > 0:
+            grey = params[:, 9].view(-1, 1, 1, 1) > 0.5
+            x = torch.where(grey, _gray(x), x)
         mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
         return x.sub_(mean).div_(std)

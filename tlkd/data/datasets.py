@@ -95,6 +95,48 @@ class EmbeddedDigits(Dataset):
         return Image.fromarray(self.images[i], mode="L"), self.targets[i]
 
 
+class UnlabeledFolder(Dataset):
+    """Every image file under ``root`` (any depth; class sub-folders, if any, are ignored),
+    sorted, with label -1."""
+
+    def __init__(self, root: Path) -> None:
+        from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader
+
+        exts = tuple(e.lower() for e in IMG_EXTENSIONS)
+        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in exts)
+        self.samples = [(str(p), -1) for p in files]
+        self.targets = [-1] * len(files)
+        self.loader = default_loader
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        return self.loader(self.samples[i][0]), -1
+
+
+def unlabeled(
+    path: Path, limit: int | None = None, seed: int = 0, key: str = "data.unlabeled"
+) -> LabeledImages:
+    """An image folder whose labels are ignored (domain adaptation, self-supervision); with
+    ``limit``, a random subset of that many images drawn with ``seed``."""
+    if not path.is_dir():
+        raise ConfigError(key, f"not a folder: {path}")
+    ds = UnlabeledFolder(path)
+    if not len(ds):
+        raise ConfigError(key, f"no image files under {path}")
+    images = LabeledImages(ds, ds.targets, [])
+    if limit is not None and limit < len(ds):
+        keep = np.random.default_rng(seed).permutation(len(ds))[:limit]
+        images = images.view(sorted(keep.tolist()))
+    return images
+
+
+def labeled_folder(path: Path, key: str) -> LabeledImages:
+    """An image folder with one sub-folder per class."""
+    return _folder(path, key)
+
+
 @dataclass
 class Splits:
     train: LabeledImages

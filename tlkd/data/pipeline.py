@@ -77,6 +77,7 @@ def build_transforms(data: DataConfig, model_cfg: dict) -> tuple[Callable, Calla
         hflip=aug.hflip,
         vflip=aug.vflip,
         color_jitter=aug.color_jitter or None,  # timm keeps a no-op ColorJitter for 0
+        grayscale_prob=aug.grayscale,
         auto_augment=aug.auto_augment,
         re_prob=aug.re_prob,
         **common,
@@ -187,3 +188,58 @@ def _in_memory(
     if data.in_memory is True:
         raise ConfigError("data.in_memory", f"cannot hold the data in memory: {reason}")
     return reason
+
+
+def extra_loader(
+    cfg: Config,
+    ds: LabeledImages,
+    model_cfg: dict,
+    device: torch.device,
+    *,
+    train: bool,
+    in_memory: bool,
+    generator: torch.Generator | None = None,
+    seed_offset: int = 1,
+    log: Callable[[str], None] = print,
+    two_views: bool = False,
+) -> DataLoader | memory.MemoryLoader:
+    """A further loader over ``ds`` (e.g. the unlabelled target domain): training views with
+    its own shuffling (``seed + seed_offset``), or the deterministic eval views; in memory when
+    the main loaders are and ``ds`` allows, with loader workers otherwise."""
+    train_tf, eval_tf = build_transforms(cfg.data, model_cfg)
+    ddp = distributed.info()
+    local = cfg.train.batch_size // ddp.world
+    mean, std = tuple(model_cfg["mean"]), tuple(model_cfg["std"])
+    if train:
+        sampler: Sequence[int] | GlobalBatchSampler = GlobalBatchSampler(
+            len(ds), cfg.train.batch_size, cfg.seed + seed_offset, drop_last=True,
+            world=ddp.world, rank=ddp.rank,
+        )  # fmt: skip
+    else:
+        sampler = range(ddp.rank, len(ds), ddp.world) if ddp.enabled else range(len(ds))
+    targets = torch.tensor(ds.targets, dtype=torch.long)
+    if in_memory:
+        cache = cfg.data.cache_dir or memory.default_cache_dir()
+        workers = cfg.data.num_workers if cfg.data.num_workers is not None else default_workers()
+        pil_eval = memory.pil_stage(eval_tf)
+        try:
+            if train:
+                images = memory.load_images(ds, None, "train", cache, workers, log)
+                augment = BatchAugment(
+                    cfg.data.augment, cfg.data.image_size, mean, std, cfg.data.interpolation
+                )
+                return memory.MemoryLoader(
+                    images, targets, sampler, local, mean, std, augment, generator, device
+                )
+            images = memory.load_images(ds, pil_eval, f"eval|{pil_eval!r}", cache, workers, log)
+            return memory.MemoryLoader(images, targets, sampler, local, mean, std, device=device)
+        except memory.NotUniform:
+            pass  # images of several sizes: loader workers instead
+    workers = cfg.data.num_workers if cfg.data.num_workers is not None else default_workers()
+    common = dict(batch_size=local, num_workers=workers, pin_memory=device.type == "cuda")
+    if train:
+        return DataLoader(Transformed(ds, train_tf), sampler=sampler, generator=generator, **common)
+    view = Transformed(ds, eval_tf)
+    if ddp.enabled:
+        view = Subset(view, list(sampler))
+    return DataLoader(view, shuffle=False, **common)

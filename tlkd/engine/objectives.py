@@ -9,9 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tlkd.engine.inference import classification_metrics
+
 
 @dataclass
 class StepOutput:
+    """Rows whose target is negative (unlabelled images) count for throughput, not accuracy."""
+
     loss: torch.Tensor  # what is back-propagated
     logits: torch.Tensor  # the model's class scores, for accuracy
     parts: dict[str, torch.Tensor] = field(default_factory=dict)  # named loss terms, logged
@@ -27,6 +31,21 @@ class Objective(nn.Module, ABC):
 
     def val_metrics(self, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
         """Extra validation metrics of this objective (e.g. per task), logged per epoch."""
+        return {}
+
+    def val_scores(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float | None]:
+        """``loss``, ``top1``, ``top5`` of the val set from the model's outputs; top1 picks the
+        best epoch. Objectives whose model has no classifier (pretrain) score otherwise."""
+        return classification_metrics(outputs, targets)
+
+    def start_epoch(self, epoch: int, epochs: int) -> None:
+        """Told at the start of every training epoch (e.g. for warm-ups and schedules)."""
+
+    def before_val(self, model: nn.Module) -> None:
+        """Runs before each validation (e.g. AdaBN re-estimates BatchNorm statistics)."""
+
+    def extra_val(self, model: nn.Module) -> dict[str, float]:
+        """Metrics on further val sets (e.g. the source domain's), logged per epoch."""
         return {}
 
 

@@ -26,6 +26,7 @@ class Reporter:
         self.quiet = quiet
         self._progress: Progress | None = None
         self._task = None
+        self._epoch = self._epochs = self._steps = 0
 
     def print(self, text: str) -> None:
         if not self.quiet:
@@ -74,19 +75,26 @@ class Reporter:
             for k, v in row.items()
             if k.startswith("train_loss_")
         )
-        val = (
-            f"val_loss {row['val_loss']:.4f}  val_top1 {row['val_top1']:.2f}%  "
-            f"val_top5 {row['val_top5']:.2f}%  "
-            if row["val_top1"] is not None
-            else ""
+        val = "".join(
+            f"{name} {_fmt(row.get(name), fmt)}  "
+            for name, fmt in (("val_loss", ".4f"), ("val_top1", ".2f%"), ("val_top5", ".2f%"))
+            if row.get(name) is not None
         )
         self.print(
-            f"epoch {row['epoch']}/{self._epochs}  train_loss {row['train_loss']:.4f}{parts}  "
-            f"{val}lr {row['lr']:.2e}  {row['epoch_time_s']:.1f}s  "
-            f"{row['train_img_per_s']:.0f} img/s" + ("  *best*" if best else "")
+            f"epoch {row['epoch']}/{self._epochs}  train_loss {_fmt(row['train_loss'], '.4f')}"
+            f"{parts}  {val}lr {_fmt(row['lr'], '.2e')}  {row['epoch_time_s']:.1f}s  "
+            f"{_fmt(row['train_img_per_s'], '.0f')} img/s" + ("  *best*" if best else "")
         )
 
     def close(self) -> None:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+
+
+def _fmt(value, fmt: str) -> str:
+    if value is None:
+        return "-"
+    if fmt.endswith("%"):
+        return f"{value:{fmt[:-1]}}%"
+    return f"{value:{fmt}}"

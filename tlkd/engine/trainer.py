@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from tlkd.config.schema import TrainConfig
 from tlkd.engine import distributed
 from tlkd.engine.device import autocast
-from tlkd.engine.inference import classification_metrics, predict
+from tlkd.engine.inference import predict
 from tlkd.engine.objectives import Objective
 from tlkd.engine.progress import Reporter
 from tlkd.errors import TlkdError
@@ -138,6 +138,7 @@ class Trainer:
         cfg, device = self.cfg, self.device
         self.freezer.train_mode()
         self.objective.train()
+        self.objective.start_epoch(epoch, cfg.epochs)
         steps = len(self.train_loader)
         self.reporter.epoch_start(epoch, cfg.epochs, steps)
         sums: dict[str, float] = defaultdict(float)
@@ -179,8 +180,12 @@ class Trainer:
             sums["train_loss"] += loss_value * n
             for name, part in parts.items():
                 sums[f"train_loss_{name}"] += part.item() * n
-            correct += (logits.detach().argmax(1) == targets).sum().item()
-            self.reporter.step(step, seen, sums["train_loss"] / seen, 100.0 * correct / seen)
+            labelled = targets >= 0  # unlabelled rows (adapt, pretrain) have target -1
+            sums["labelled"] += labelled.sum().item()
+            hits = logits.detach()[labelled].argmax(1) == targets[labelled]
+            correct += hits.sum().item() if logits.shape[1] > 1 else 0
+            top1 = 100.0 * correct / max(sums["labelled"], 1)
+            self.reporter.step(step, seen, sums["train_loss"] / seen, top1)
             stop = distributed.any_rank(self._signals.received is not None)
             if stop and step % cfg.accum_steps == 0 and step < steps:
                 self._signals.received = self._signals.received or "SIGTERM"
@@ -202,23 +207,43 @@ class Trainer:
             totals = distributed.all_sum([seen, correct, *(sums[k] for k in keys)])
             seen, correct = int(totals[0]), int(totals[1])
             sums = dict(zip(keys, totals[2:], strict=True))
+        labelled = sums.pop("labelled", 0.0)
         row: dict[str, Any] = {"epoch": epoch}
         row.update({k: v / max(seen, 1) for k, v in sums.items()})
-        row["train_top1"] = 100.0 * correct / max(seen, 1)
+        row["train_top1"] = 100.0 * correct / labelled if labelled else None
         row.update(val_loss=None, val_top1=None, val_top5=None)
         if epoch % cfg.val_every == 0 or epoch == cfg.epochs:
-            logits, val_targets = distributed.gather_cat(
-                *predict(self.model, self.val_loader, device, self.dtype, cfg.channels_last)
-            )
-            val = classification_metrics(logits, val_targets)
-            row.update(val_loss=val["loss"], val_top1=val["top1"], val_top5=val["top5"])
-            row.update(self.objective.val_metrics(logits, val_targets))
+            row.update(self.validate())
         row.update(
             lr=max(g["lr"] for g in self.optimizer.param_groups),
             epoch_time_s=time.perf_counter() - t0,
             train_img_per_s=seen / train_time,
         )
         return row
+
+    def validate(self) -> dict[str, Any]:
+        """val_loss/top1/top5 and the objective's own metrics, on every rank's share."""
+        cfg = self.cfg
+        self.objective.before_val(self.model)
+        logits, val_targets = distributed.gather_cat(
+            *predict(self.model, self.val_loader, self.device, self.dtype, cfg.channels_last)
+        )
+        val = self.objective.val_scores(logits, val_targets)
+        row = {"val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"]}
+        row.update(self.objective.val_metrics(logits, val_targets))
+        row.update(self.objective.extra_val(self.model))
+        return row
+
+    def validate_only(self) -> FitResult:
+        """No training (train.epochs: 0, e.g. AdaBN on a trained model): one validation,
+        recorded as epoch 0 with the run files an epoch writes."""
+        t0 = time.perf_counter()
+        row: dict[str, Any] = {"epoch": 0, "train_loss": None, "train_top1": None}
+        row.update(self.validate())
+        row.update(lr=None, epoch_time_s=time.perf_counter() - t0, train_img_per_s=None)
+        self._end_epoch(0, row)
+        self.result.wall_time_s = time.perf_counter() - t0
+        return self.result
 
     def _optimizer_step(self) -> None:
         if self.cfg.clip_grad is not None:

@@ -47,6 +47,7 @@ class Experiment:
     loaders: Loaders
     device: torch.device
     dtype: torch.dtype | None
+    model_cfg: dict  # timm's data config of the model (mean, std, ...)
 
     @property
     def classes(self) -> list[str]:
@@ -59,35 +60,50 @@ def build_experiment(
     for_training: bool = True,
     log: Callable[[str], None] | None = None,
     resume: Path | None = None,
+    classifier: bool = True,
+    dry_run: bool = False,
 ) -> Experiment:
     """Validate what needs the file system or timm, then build data and model (no training).
     Resolved values (image size, classes, ``auto`` precision and memory layout) are written
-    back into ``cfg``; a resumed run keeps the values its first start chose."""
+    back into ``cfg``; a resumed run keeps the values its first start chose. A dry run measures
+    nothing: ``auto`` settings stay ``auto`` unless a measurement is remembered."""
     log = log or _log
     seed_everything(cfg.seed, cfg.train.deterministic)
     if for_training:
         _check_optimizer(cfg)
     device = resolve_device(cfg.train.device)
-    subset_seed = cfg.data.subset_seed if cfg.data.subset_seed is not None else cfg.seed
-    splits = build_splits(cfg.data, subset_seed)
-    if cfg.model.num_classes is not None and cfg.model.num_classes != len(splits.classes):
+    splits = build_splits(cfg.data, subset_seed(cfg))
+    if (
+        classifier
+        and cfg.model.num_classes is not None
+        and cfg.model.num_classes != len(splits.classes)
+    ):
         raise ConfigError(
             "model.num_classes",
             f"is {cfg.model.num_classes} but the data has {len(splits.classes)} classes",
         )
-    cfg.model.num_classes = len(splits.classes)
-    model, weights = build_model(cfg.model, len(splits.classes), splits.classes)
+    if classifier:
+        cfg.model.num_classes = len(splits.classes)
+        model, weights = build_model(cfg.model, len(splits.classes), splits.classes)
+    else:  # a backbone alone (pretrain): features out, no classifier
+        cfg.model.num_classes = 0
+        model, weights = build_model(cfg.model, 0, None)
     model_cfg = resolve_input(cfg.data, model)
     model.to(device)
-    _resolve_knobs(cfg, model, model_cfg, device, for_training, log, resume)
+    _resolve_knobs(cfg, model, model_cfg, device, for_training, log, resume, dry_run)
     dtype = autocast_dtype(cfg.train.precision, device)
-    if cfg.train.channels_last:
+    if cfg.train.channels_last is True:
         model.to(memory_format=torch.channels_last)
     loaders = build_loaders(cfg, splits, model_cfg, device, log)
-    return Experiment(cfg, splits, model, weights, loaders, device, dtype)
+    return Experiment(cfg, splits, model, weights, loaders, device, dtype, model_cfg)
 
 
-def _resolve_knobs(cfg, model, model_cfg, device, for_training, log, resume) -> None:
+def subset_seed(cfg: Config) -> int:
+    """Seed of the data subsets (val hold-out, few labels, unlabelled subsets)."""
+    return cfg.data.subset_seed if cfg.data.subset_seed is not None else cfg.seed
+
+
+def _resolve_knobs(cfg, model, model_cfg, device, for_training, log, resume, dry_run) -> None:
     t = cfg.train
     if resume is not None and (resume / CONFIG).is_file():  # what the first start chose
         saved = (yaml.safe_load((resume / CONFIG).read_text()) or {}).get("train", {})
@@ -99,7 +115,7 @@ def _resolve_knobs(cfg, model, model_cfg, device, for_training, log, resume) -> 
     shape = (batch, int(model_cfg["input_size"][0]), cfg.data.image_size, cfg.data.image_size)
     t.precision, t.channels_last = tune.choose(
         t.precision, t.channels_last, model, device, shape, for_training, log,
-        cfg.data.cache_dir or default_cache_dir(),
+        cfg.data.cache_dir or default_cache_dir(), measure=not dry_run,
     )  # fmt: skip
 
 
@@ -142,7 +158,7 @@ def build_optimizer(cfg: Config, model: nn.Module, objective: Objective) -> torc
 
 def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, updates_per_epoch: int):
     s = cfg.train.scheduler
-    if s.name == "none":
+    if s.name == "none" or cfg.train.epochs == 0:
         return None
     scheduler, _ = create_scheduler_v2(
         optimizer,
@@ -207,12 +223,19 @@ def plan_lines(exp: Experiment, steps_per_epoch: int, mode: str) -> list[str]:
         f"{f', accumulate {t.accum_steps}' if t.accum_steps > 1 else ''}) = "
         f"{t.epochs * steps_per_epoch:,} steps; {t.optimizer.name} lr {t.optimizer.lr:g}, "
         f"scheduler {t.scheduler.name}",
-        f"device      {exp.device}, precision {exp.dtype or 'fp32'}",
+        f"device      {exp.device}, precision {_shown_precision(cfg, exp)}, "
+        f"channels_last {str(t.channels_last).lower()}",
     ] + (
         [f"skipped     {len(splits.bad_images)} unreadable images, e.g. {splits.bad_images[0]}"]
         if splits.bad_images
         else []
     )
+
+
+def _shown_precision(cfg: Config, exp: Experiment) -> str:
+    if cfg.train.precision == "auto" and exp.device.type == "cpu":
+        return "auto (measured when the run starts)"
+    return str(exp.dtype or "fp32").removeprefix("torch.")
 
 
 def write_summary(
@@ -234,8 +257,8 @@ def write_summary(
         "classes": exp.classes,
         "num_classes": len(exp.classes),
         "epochs_done": len(history),
-        "best_val_top1": result.best_val_top1 if result and result.best_epoch else None,
-        "best_epoch": result.best_epoch if result and result.best_epoch else None,
+        "best_val_top1": result.best_val_top1 if result and result.best_val_top1 >= 0 else None,
+        "best_epoch": result.best_epoch if result and result.best_val_top1 >= 0 else None,
         "final_val_top1": history[-1]["val_top1"] if history else None,
         "final_val_top5": history[-1]["val_top5"] if history else None,
         "params": total,
@@ -324,7 +347,7 @@ def train(
         weights_metadata={
             "format": "pt",
             "tlkd_model": cfg.model.name,
-            "tlkd_num_classes": str(len(exp.classes)),
+            "tlkd_num_classes": str(cfg.model.num_classes),
         },
         on_epoch_end=lambda r: write_summary_(run, exp, mode, r, "running", summary_extra),
     )
@@ -332,7 +355,8 @@ def train(
     if resume is not None:
         start = trainer.restore(state)
         reporter.print(f"resume      {note}: epoch {start} of {cfg.train.epochs}")
-    result = trainer.fit(start)
+    # train.epochs 0 (adapt.method: adabn): validate the adapted model, train nothing
+    result = trainer.fit(start) if cfg.train.epochs > 0 else trainer.validate_only()
     if not ddp.is_main:
         return None
     summary = write_summary(run, exp, mode, result, "finished", summary_extra)

@@ -46,12 +46,12 @@ def distill(
         cfg.distill = DistillConfig()
     _tasks_define_classes(cfg)
     reporter = reporter or Reporter(cfg.train.log_every)
-    exp = build_experiment(cfg, log=reporter.print, resume=resume)
+    exp = build_experiment(cfg, log=reporter.print, resume=resume, dry_run=dry_run)
     teachers = [
         build_teacher(t, _teacher_key(cfg, i), exp.loaders.mean, exp.loaders.std).to(exp.device)
         for i, t in enumerate(cfg.teacher_list)
     ]
-    if cfg.train.channels_last:  # the student's chosen layout suits its teachers' convs too
+    if cfg.train.channels_last is True:  # the student's chosen layout suits its teachers' convs too
         for teacher in teachers:
             teacher.model.to(memory_format=torch.channels_last)
     objective = Distillation(

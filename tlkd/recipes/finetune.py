@@ -28,7 +28,7 @@ def finetune(
     if cfg.data.dataset == "folder" and cfg.data.train is None:
         raise ConfigError("data.train", "is required to train (an image folder)")
     reporter = reporter or Reporter(cfg.train.log_every)
-    exp = build_experiment(cfg, log=reporter.print, resume=resume)
+    exp = build_experiment(cfg, log=reporter.print, resume=resume, dry_run=dry_run)
     if len(exp.splits.train) == 0:
         raise ConfigError("data", "no training images left after subsetting")
     objective = Classification(cfg.train.label_smoothing)

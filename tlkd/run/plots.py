@@ -27,15 +27,15 @@ def _save(fig: Any, path: Path) -> None:
 def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     """Loss and top-1 accuracy per epoch, train and val."""
     plt = _pyplot()
-    epochs = [r["epoch"] for r in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
-    ax_loss.plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
-    validated = [r for r in history if r["val_top1"] is not None]
-    val_epochs = [r["epoch"] for r in validated]
-    ax_loss.plot(val_epochs, [r["val_loss"] for r in validated], "o-", label="val")
+    # a metric may be missing in some rows (None): e.g. no training at epoch 0, no val loss
+    # for k-NN-scored pretraining
+    for ax, key in ((ax_loss, "loss"), (ax_acc, "top1")):
+        for split in ("train", "val"):
+            rows = [r for r in history if r.get(f"{split}_{key}") is not None]
+            ax.plot([r["epoch"] for r in rows], [r[f"{split}_{key}"] for r in rows], "o-",
+                    label=split)  # fmt: skip
     ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
-    ax_acc.plot(epochs, [r["train_top1"] for r in history], "o-", label="train")
-    ax_acc.plot(val_epochs, [r["val_top1"] for r in validated], "o-", label="val")
     ax_acc.set(xlabel="epoch", ylabel="top-1 (%)", title="Accuracy")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)

@@ -1,0 +1,1 @@
+"""Domain adaptation: AdaBN, pseudo-labelling, DANN (tlkd adapt)."""

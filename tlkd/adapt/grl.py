@@ -1,0 +1,47 @@
+"""Gradient reversal (Ganin & Lempitsky, "Unsupervised Domain Adaptation by Backpropagation",
+ICML 2015): identity forward, gradient times -lambda backward. torch and timm have no such
+layer, so it is written here; it is a few lines of autograd."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class _Reverse(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, lam: float) -> torch.Tensor:
+        ctx.lam = lam
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return -ctx.lam * grad, None
+
+
+def reverse_gradient(x: torch.Tensor, lam: float) -> torch.Tensor:
+    return _Reverse.apply(x, lam)
+
+
+def dann_lambda(progress: float) -> float:
+    """Ganin's schedule: 0 at the start of training, rising to 1 (``progress`` in [0, 1])."""
+    return 2.0 / (1.0 + math.exp(-10.0 * progress)) - 1.0
+
+
+class DomainDiscriminator(nn.Module):
+    """Features -> source (0) / target (1) logit, through gradient reversal."""
+
+    def __init__(self, features: int, hidden: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(features, hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, 1),
+        )
+
+    def forward(self, features: torch.Tensor, lam: float) -> torch.Tensor:
+        return self.net(reverse_gradient(features, lam)).squeeze(1)

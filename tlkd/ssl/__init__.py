@@ -1,0 +1,1 @@
+"""Self-supervised pretraining (tlkd pretrain): SimCLR and its k-NN monitor."""
