@@ -180,3 +180,28 @@ def test_pretrain_saves_a_backbone_that_finetune_loads(tmp_path, domains, write_
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((tmp_path / "runs" / "ft" / "summary.json").read_text())
     assert summary["weights_source"] == str(run / "model.safetensors")
+
+
+def test_an_adapted_teacher_teaches_a_student_on_the_target(
+    tmp_path, domains, write_config, run_tlkd
+):
+    """Composable with distillation: the student learns from labelled source batches (ce) and
+    from the adapted teacher on unlabelled target batches joined to them (kd)."""
+    cfg = _adapt_cfg(tmp_path, domains, "dann", epochs=1)
+    assert run_tlkd("adapt", write_config(cfg, "a.yaml"), "experiment=teacher").returncode == 0
+    source, _, target, target_val = domains
+    kd = small_config(tmp_path, source, target_val, train={"epochs": 1})
+    kd["data"]["unlabeled"] = str(target)
+    kd["teacher"] = {"name": kd["model"]["name"], "pretrained": str(tmp_path / "runs/teacher")}
+    kd["distill"] = {"losses": [{"type": "kd", "weight": 0.9}, {"type": "ce", "weight": 0.1}]}
+    proc = run_tlkd("distill", write_config(kd, "kd.yaml"), "experiment=student")
+    assert proc.returncode == 0, proc.stderr
+    assert "24 images" in proc.stdout and "teacher losses only" in proc.stdout
+    row = json.loads((tmp_path / "runs/student/metrics.jsonl").read_text().splitlines()[-1])
+    assert row["train_loss_kd"] > 0 and row["train_loss_ce"] > 0 and row["val_top1"] is not None
+    kd["distill"]["losses"][1] = {"type": "dkd", "weight": 0.1}
+    proc = run_tlkd("distill", write_config(kd, "kd.yaml"))
+    assert proc.returncode == 2 and error_line(proc).startswith("error: distill.losses.1:")
+    del kd["teacher"], kd["distill"]
+    proc = run_tlkd("finetune", write_config(kd, "ft.yaml"))
+    assert proc.returncode == 2 and error_line(proc).startswith("error: data.unlabeled:")

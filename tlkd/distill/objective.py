@@ -166,8 +166,11 @@ class Distillation(Objective):
 
     def _term(self, i, loss, logits, s_feat, t_out, targets) -> torch.Tensor:
         logits = logits.float()
-        if loss.type == "ce":
-            return F.cross_entropy(logits, targets, label_smoothing=loss.label_smoothing)
+        if loss.type == "ce":  # labelled rows only (data.unlabeled images come with -1)
+            labelled = targets >= 0
+            return F.cross_entropy(
+                logits[labelled], targets[labelled], label_smoothing=loss.label_smoothing
+            )
         if loss.type in FEATURE_LOSSES:
             s_layers, t_layers, t = self.pairs[i]
             t_by_layer = dict(zip(self.teacher_layers[t], t_out[t][1], strict=True))

@@ -7,8 +7,11 @@ from typing import Any
 
 import torch
 
+from tlkd.adapt.data import PairedLoader
 from tlkd.config.schema import Config, DistillConfig
+from tlkd.data.datasets import unlabeled
 from tlkd.data.memory import MemoryLoader, default_cache_dir
+from tlkd.data.pipeline import extra_loader
 from tlkd.distill.cache import (
     CachedTeacher,
     CachedViews,
@@ -26,7 +29,7 @@ from tlkd.engine.inference import classification_metrics
 from tlkd.engine.progress import Reporter
 from tlkd.errors import ConfigError
 from tlkd.models.factory import count_params
-from tlkd.recipes.common import build_experiment, train
+from tlkd.recipes.common import build_experiment, subset_seed, train
 from tlkd.recipes.evaluate import measure_speed
 
 
@@ -94,12 +97,35 @@ def distill(
         for name, loss in zip(objective.names, cfg.distill.losses, strict=True)
     )
     plan.append(f"losses      {losses}")
+    if cfg.data.unlabeled is not None:
+        plan.append(_add_unlabeled(cfg, exp, reporter))
     summary_extra: dict[str, Any] = {"teachers": info}
     if cfg.distill.cache is not None and not dry_run:
         summary_extra["teacher_cache"] = _use_cache(cfg, exp, teachers, objective, reporter)
     if not dry_run:
         summary_extra.update(_speeds(exp, teachers, cfg))
     return train(exp, objective, "distill", reporter, dry_run, plan, summary_extra, resume)
+
+
+def _add_unlabeled(cfg: Config, exp, reporter) -> str:
+    """``data.unlabeled``: every labelled batch is joined by a batch of these images (label
+    -1), on which the student learns from the teachers alone (e.g. the target domain of an
+    adapted teacher). ``ce`` stays on the labelled images."""
+    if cfg.distill.cache is not None:
+        raise ConfigError("distill.cache", "does not cover data.unlabeled images; drop one")
+    for i, loss in enumerate(cfg.distill.losses):
+        if loss.type == "dkd":
+            raise ConfigError(f"distill.losses.{i}", "dkd needs labels: not with data.unlabeled")
+    images = unlabeled(cfg.data.unlabeled, cfg.data.unlabeled_limit, subset_seed(cfg))
+    extra = extra_loader(
+        cfg, images, exp.model_cfg, exp.device, train=True, in_memory=exp.loaders.in_memory,
+        generator=exp.loaders.train.generator, log=reporter.print,
+    )  # fmt: skip
+    exp.loaders.train = PairedLoader(exp.loaders.train, extra)
+    return (
+        f"unlabeled   {len(images):,} images ({cfg.data.unlabeled}) join every batch: "
+        "teacher losses only"
+    )
 
 
 def _use_cache(cfg: Config, exp, teachers: list[Teacher], objective, reporter) -> dict[str, Any]:

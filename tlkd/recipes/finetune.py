@@ -25,6 +25,10 @@ def finetune(
             "teacher" if cfg.teacher_list else "distill",
             "finetune takes no teachers or distill section; run `tlkd distill`",
         )
+    if cfg.data.unlabeled is not None:
+        raise ConfigError(
+            "data.unlabeled", "finetune learns from labels only; use `tlkd adapt` or `tlkd distill`"
+        )
     if cfg.data.dataset == "folder" and cfg.data.train is None:
         raise ConfigError("data.train", "is required to train (an image folder)")
     reporter = reporter or Reporter(cfg.train.log_every)
