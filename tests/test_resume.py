@@ -59,9 +59,9 @@ def _finish(proc):
     return out
 
 
-def _kill_during(tmp_path, config, epoch):
+def _kill_during(tmp_path, config, epoch, mode="finetune"):
     """Start a run and SIGKILL it a few steps into ``epoch``."""
-    proc = _tlkd(tmp_path, "finetune", config)
+    proc = _tlkd(tmp_path, mode, config)
     seen = []
     for line in proc.stdout:  # plain progress lines (stdout is a pipe)
         seen.append(line)
@@ -94,6 +94,24 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, resumable)
     assert _same_weights(killed, full)
     ckpt = torch.load(killed / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] == 4
+
+
+def test_adapt_killed_mid_epoch_resumes_exactly(tmp_path, resumable):
+    """DANN: paired source/target batches, the domain discriminator and its lambda schedule
+    all continue where they stopped."""
+    target = write_images(tmp_path / "target", per_class=10, size=48, seed=3, noise=60)
+    adapt = {"method": "dann", "warmup_epochs": 1, "hidden": 16}
+    data = yaml.safe_load(resumable("x").read_text())["data"]
+    data["unlabeled"] = str(target)
+    _finish(_tlkd(tmp_path, "adapt", resumable("full", adapt=adapt, data=data)))
+    killed = tmp_path / "runs" / "killed"
+    _kill_during(tmp_path, resumable("killed", adapt=adapt, data=data), epoch=3, mode="adapt")
+    _finish(_tlkd(tmp_path, "adapt", "--resume", killed))
+    full = _learned(tmp_path / "runs" / "full")
+    assert len(full) == 4 and _learned(killed) == full
+    rows = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["train_loss_domain"] > 0
+    assert _same_weights(killed, tmp_path / "runs" / "full")
 
 
 def test_resume_after_death_while_writing_a_checkpoint(tmp_path, resumable):

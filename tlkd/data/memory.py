@@ -103,9 +103,13 @@ def load_images(
     if len(ds) == 0:
         return torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
     log(f"decoding {len(ds)} images into memory" + (f" (cache {path})" if path else ""))
+    # its own generator: decoding (done or found in the cache) must not move the global RNG,
+    # or what is initialised after it (heads of objectives, discriminators) would differ
+    # between a run that decodes and one that reads the cache
     loader = DataLoader(
-        _Decoded(ds, pil_tf), batch_size=256, num_workers=workers, collate_fn=_as_list
-    )
+        _Decoded(ds, pil_tf), batch_size=256, num_workers=workers, collate_fn=_as_list,
+        generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
     out: np.ndarray | None = None
     pos = 0
     for batch in loader:
