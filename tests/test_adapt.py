@@ -45,6 +45,27 @@ def test_adabn_changes_only_batchnorm_statistics():
     assert first.momentum == 0.1
 
 
+def test_target_bn_normalises_each_domain_with_its_own_statistics():
+    from tlkd.adapt.objectives import PseudoLabel
+    from tlkd.config.schema import AdaptConfig
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+    images = torch.cat([torch.randn(4, 3, 2, 2), 5 + 3 * torch.randn(4, 3, 2, 2)])
+    targets = torch.tensor([0, -1, 1, -1, 2, -1, -1, 0])  # domains interleaved
+    src, tgt = targets >= 0, targets < 0
+    per_domain = PseudoLabel(AdaptConfig(method="pseudo_label"), None, {})
+    out = per_domain.run(model, images, targets)
+    assert torch.allclose(out[src], model(images[src]), atol=1e-5)
+    assert torch.allclose(out[tgt], model(images[tgt]), atol=1e-5)
+    # each domain's rows have zero mean per channel: normalised with their own statistics
+    assert out[tgt].mean(dim=(0, 2, 3)).abs().max() < 1e-4
+    shared = PseudoLabel(AdaptConfig(method="pseudo_label", target_bn=False), None, {})
+    joint = shared.run(model, images, targets)
+    assert torch.allclose(joint, model(images), atol=1e-5)
+    assert joint[tgt].mean(dim=(0, 2, 3)).abs().max() > 0.1
+
+
 def test_pseudo_labels_respect_the_threshold():
     probs = torch.tensor([[0.96, 0.04], [0.5, 0.5], [0.05, 0.95], [0.2, 0.8]])
     labels, keep = pseudo_labels(probs, 0.95)

@@ -19,14 +19,44 @@ from tlkd.engine.objectives import Objective, StepOutput
 
 
 class DomainObjective(Objective):
-    """Source cross-entropy; scores a labelled source val set after every validation."""
+    """Source cross-entropy; scores a labelled source val set after every validation.
 
-    def __init__(self, cfg: AdaptConfig, source_val: Iterable | None, runtime: dict[str, Any]):
+    With ``target_stats`` (eval-transformed target images), BatchNorm statistics are
+    re-estimated on the target before every validation (AdaBN), and with ``adapt.target_bn``
+    each batch's source and target images go through the model separately, so BatchNorm
+    normalises the target with target statistics in training too (domain-specific batch
+    normalisation, as in Chang et al. 2019: a shared network whose normalisation is per
+    domain)."""
+
+    def __init__(
+        self,
+        cfg: AdaptConfig,
+        source_val: Iterable | None,
+        runtime: dict[str, Any],
+        target_stats: Iterable | None = None,
+    ):
         super().__init__()
         self.cfg = cfg
         self.source_val = source_val
         self.runtime = runtime  # device, dtype, channels_last
+        self.target_stats = target_stats
         self.epoch, self.epochs = 1, 1
+
+    def run(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The model's logits for the batch, rows in the batch's order; per domain when
+        ``adapt.target_bn`` (a domain with a single image joins the other's batch)."""
+        tgt = targets < 0
+        n_tgt = int(tgt.sum())
+        if not self.cfg.target_bn or n_tgt < 2 or len(targets) - n_tgt < 2:
+            return model(images)
+        order = torch.cat([(~tgt).nonzero(), tgt.nonzero()]).squeeze(1)
+        out = torch.cat([model(images[~tgt]), model(images[tgt])])
+        return out[order.argsort()]
+
+    def before_val(self, model: nn.Module) -> None:
+        if self.target_stats is not None:
+            r = self.runtime
+            reestimate_bn(model, self.target_stats, r["device"], r["dtype"], r["channels_last"])
 
     def start_epoch(self, epoch: int, epochs: int) -> None:
         self.epoch, self.epochs = epoch, epochs
@@ -56,17 +86,9 @@ class AdaBN(DomainObjective):
     """Trains on the source alone; before each validation the BatchNorm statistics are
     re-estimated on the target images, so the saved model carries the target's."""
 
-    def __init__(self, cfg, source_val, runtime, target_stats: Iterable) -> None:
-        super().__init__(cfg, source_val, runtime)
-        self.target_stats = target_stats
-
     def forward(self, model, images, targets) -> StepOutput:
         logits = model(images)
         return StepOutput(_source_ce(logits, targets), logits)
-
-    def before_val(self, model: nn.Module) -> None:
-        r = self.runtime
-        reestimate_bn(model, self.target_stats, r["device"], r["dtype"], r["channels_last"])
 
 
 def pseudo_labels(probs: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,7 +104,7 @@ class PseudoLabel(DomainObjective):
     share of confident ones."""
 
     def forward(self, model, images, targets) -> StepOutput:
-        logits = model(images)
+        logits = self.run(model, images, targets)
         ce = _source_ce(logits, targets)
         tgt = targets < 0
         if not self.adapting or not tgt.any():
@@ -102,8 +124,8 @@ class DANN(DomainObjective):
     learn to hide the domain. The discriminator is trained and checkpointed with the model but
     not saved in model.safetensors."""
 
-    def __init__(self, cfg, source_val, runtime, model: nn.Module, features: int) -> None:
-        super().__init__(cfg, source_val, runtime)
+    def __init__(self, cfg, source_val, runtime, target_stats, model: nn.Module, features: int):
+        super().__init__(cfg, source_val, runtime, target_stats)
         self.discriminator = DomainDiscriminator(features, cfg.hidden)
         self._feats: list[torch.Tensor] = []
         # the classifier's input is the pooled feature vector of any timm model
@@ -113,8 +135,11 @@ class DANN(DomainObjective):
 
     def forward(self, model, images, targets) -> StepOutput:
         self._feats.clear()
-        logits = model(images)
-        feats = self._feats[-1]
+        logits = self.run(model, images, targets)
+        feats = torch.cat(self._feats)
+        if len(self._feats) == 2:  # per domain: source rows first, as run() ordered them
+            tgt = targets < 0
+            feats = feats[torch.cat([(~tgt).nonzero(), tgt.nonzero()]).squeeze(1).argsort()]
         ce = _source_ce(logits, targets)
         if not self.adapting:
             return StepOutput(ce, logits, {"ce": ce.detach()})

@@ -332,6 +332,9 @@ class AdaptConfig(Section):
     threshold: float = Field(0.95, gt=0.0, le=1.0)  # pseudo_label: confidence to keep a label
     warmup_epochs: NonNegativeInt = 0  # pseudo_label, dann: source-only epochs first
     hidden: PositiveInt = 256  # dann: width of the domain discriminator
+    # pseudo_label, dann: BatchNorm per domain in training, re-estimated on the target before
+    # every validation (false: source and target share one batch's statistics)
+    target_bn: bool = True
     source_val: Path | None = None  # a labelled source-domain val folder, scored every epoch
 
 

@@ -75,8 +75,10 @@ def adapt(
                 "adapt.source_val", f"has classes {source.classes}, not {exp.classes}"
             )
         source_val = extra_loader(cfg, source, exp.model_cfg, exp.device, train=False, **opts)
-    if a.method == "adabn":
+    stats = None
+    if a.method == "adabn" or a.target_bn:  # the target's BatchNorm statistics before val
         stats = extra_loader(cfg, target, exp.model_cfg, exp.device, train=False, **opts)
+    if a.method == "adabn":
         objective = AdaBN(a, source_val, runtime, stats)
     else:
         target_train = extra_loader(
@@ -85,14 +87,23 @@ def adapt(
         )  # fmt: skip
         exp.loaders.train = PairedLoader(exp.loaders.train, target_train)
         if a.method == "pseudo_label":
-            objective = PseudoLabel(a, source_val, runtime)
+            objective = PseudoLabel(a, source_val, runtime, stats)
         else:
             features = classifier_inputs(exp.model, cfg.data.image_size, exp.device)
-            objective = DANN(a, source_val, runtime, exp.model, features)
+            objective = DANN(a, source_val, runtime, stats, exp.model, features)
     plan = [
         f"adapt       {a.method}: {len(exp.splits.train):,} source images, {len(target):,} "
         f"unlabelled target images ({cfg.data.unlabeled}), target val {len(exp.splits.val):,}"
         + (f", source val {a.source_val}" if a.source_val else " (no adapt.source_val)"),
     ]
+    if a.method != "adabn":
+        plan.append(
+            "batchnorm   "
+            + (
+                "per domain in training; re-estimated on the target before every validation"
+                if a.target_bn
+                else "shared by source and target batches (adapt.target_bn: false)"
+            )
+        )
     extra = {"adapt": a.method, "target_images": len(target)}
     return train(exp, objective, "adapt", reporter, dry_run, plan, extra, resume)
