@@ -42,18 +42,6 @@ def _guard(fn: Callable[[], Any]) -> Any:
         raise typer.Exit(130) from None
 
 
-@app.command()
-def finetune(
-    config: str = CONFIG_ARG,
-    overrides: list[str] = OVERRIDES,
-    dry_run: bool = DRY_RUN,
-    quiet: bool = QUIET,
-    resume: str = RESUME,
-) -> None:
-    """Fine-tune a timm model (transfer learning) as the experiment file says."""
-    _train_command("finetune", config, overrides, dry_run, quiet, resume)
-
-
 def _train_command(
     mode: str,
     config: str | None,
@@ -104,40 +92,32 @@ def _train_command(
     _guard(run)
 
 
-@app.command()
-def distill(
-    config: str = CONFIG_ARG,
-    overrides: list[str] = OVERRIDES,
-    dry_run: bool = DRY_RUN,
-    quiet: bool = QUIET,
-    resume: str = RESUME,
-) -> None:
-    """Distil one or more frozen teachers into the student the experiment file names."""
-    _train_command("distill", config, overrides, dry_run, quiet, resume)
+TRAINING_MODES = {
+    "finetune": "Fine-tune a timm model (transfer learning) as the experiment file says.",
+    "distill": "Distil one or more frozen teachers into the student the experiment file names.",
+    "adapt": "Adapt a model to an unlabelled target domain (AdaBN, pseudo-labels or DANN).",
+    "pretrain": "Self-supervised pretraining (SimCLR) of a backbone on unlabelled images.",
+}
 
 
-@app.command()
-def adapt(
-    config: str = CONFIG_ARG,
-    overrides: list[str] = OVERRIDES,
-    dry_run: bool = DRY_RUN,
-    quiet: bool = QUIET,
-    resume: str = RESUME,
-) -> None:
-    """Adapt a model to an unlabelled target domain (AdaBN, pseudo-labels or DANN)."""
-    _train_command("adapt", config, overrides, dry_run, quiet, resume)
+def _register(mode: str, help_text: str) -> None:
+    """One Typer command per training mode: the same arguments, one shared runner."""
+
+    def command(
+        config: str = CONFIG_ARG,
+        overrides: list[str] = OVERRIDES,
+        dry_run: bool = DRY_RUN,
+        quiet: bool = QUIET,
+        resume: str = RESUME,
+    ) -> None:
+        _train_command(mode, config, overrides, dry_run, quiet, resume)
+
+    command.__doc__ = help_text
+    app.command(name=mode)(command)
 
 
-@app.command()
-def pretrain(
-    config: str = CONFIG_ARG,
-    overrides: list[str] = OVERRIDES,
-    dry_run: bool = DRY_RUN,
-    quiet: bool = QUIET,
-    resume: str = RESUME,
-) -> None:
-    """Self-supervised pretraining (SimCLR) of a backbone on unlabelled images."""
-    _train_command("pretrain", config, overrides, dry_run, quiet, resume)
+for _mode, _help in TRAINING_MODES.items():
+    _register(_mode, _help)
 
 
 @app.command()
