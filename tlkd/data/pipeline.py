@@ -218,9 +218,9 @@ def extra_loader(
     else:
         sampler = range(ddp.rank, len(ds), ddp.world) if ddp.enabled else range(len(ds))
     targets = torch.tensor(ds.targets, dtype=torch.long)
+    workers = cfg.data.num_workers if cfg.data.num_workers is not None else default_workers()
     if in_memory:
         cache = cfg.data.cache_dir or memory.default_cache_dir()
-        workers = cfg.data.num_workers if cfg.data.num_workers is not None else default_workers()
         pil_eval = memory.pil_stage(eval_tf)
         try:
             if train:
@@ -235,7 +235,6 @@ def extra_loader(
             return memory.MemoryLoader(images, targets, sampler, local, mean, std, device=device)
         except memory.NotUniform:
             pass  # images of several sizes: loader workers instead
-    workers = cfg.data.num_workers if cfg.data.num_workers is not None else default_workers()
     common = dict(batch_size=local, num_workers=workers, pin_memory=device.type == "cuda")
     if train:
         return DataLoader(Transformed(ds, train_tf), sampler=sampler, generator=generator, **common)

@@ -182,8 +182,9 @@ class Trainer:
                 sums[f"train_loss_{name}"] += part.item() * n
             labelled = targets >= 0  # unlabelled rows (adapt, pretrain) have target -1
             sums["labelled"] += labelled.sum().item()
-            hits = logits.detach()[labelled].argmax(1) == targets[labelled]
-            correct += hits.sum().item() if logits.shape[1] > 1 else 0
+            if logits.shape[1] > 1:  # class scores (not pretrain's features)
+                hits = logits.detach()[labelled].argmax(1) == targets[labelled]
+                correct += hits.sum().item()
             top1 = 100.0 * correct / max(sums["labelled"], 1)
             self.reporter.step(step, seen, sums["train_loss"] / seen, top1)
             stop = distributed.any_rank(self._signals.received is not None)

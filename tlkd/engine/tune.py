@@ -79,7 +79,7 @@ def choose(
 ) -> tuple[str | bool, ...]:
     """Concrete (precision, channels_last) for ``auto`` settings; rank 0 decides under DDP.
     A measurement is remembered in ``cache_dir`` for the same model, shapes, CPU and torch.
-    With ``measure`` off (dry runs) an unmeasured CPU setting stays ``auto``."""
+    With ``measure`` off (dry runs) a CPU setting to be timed stays ``auto``."""
     if precision != "auto" and channels_last != "auto":
         return precision, bool(channels_last)
     if device.type == "cuda":
@@ -101,6 +101,8 @@ def choose(
         layouts.append(True)
     if len(precisions) * len(layouts) == 1:
         return precisions[0], layouts[0]
+    if not measure:  # every rank returns here: no broadcast for a dry run to wait on
+        return precision, channels_last
     chosen = None
     if distributed.info().is_main:
         key = _key(model, batch_shape, train, precisions, layouts)
@@ -111,8 +113,6 @@ def choose(
                 f"auto        precision {chosen[0]}, channels_last {str(chosen[1]).lower()} "
                 f"(measured before, {cache_dir / TUNE_FILE})"
             )
-        elif not measure:
-            return precision, channels_last
         else:
             chosen, timings = _measure(model, device, batch_shape, train, precisions, layouts)
             shown = ", ".join(
