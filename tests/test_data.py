@@ -6,7 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import COLOURS
+from conftest import COLOURS, IMAGE_SIZE
 
 from tlkd.config.loader import validate
 from tlkd.data.datasets import build_splits
@@ -183,3 +183,59 @@ def test_subset_seed_fixes_the_picks_across_run_seeds(tmp_path, squares):
 
     assert picks(0) != picks(1)  # by default the run's seed picks the images
     assert picks(0, subset_seed=5) == picks(1, subset_seed=5)
+
+
+def _loaders(tmp_path, squares, in_memory, **augment):
+    from conftest import small_config
+
+    from tlkd.recipes.common import build_experiment
+
+    data = {"in_memory": in_memory, "cache_dir": str(tmp_path / "cache")}
+    if augment:
+        data["augment"] = augment
+    cfg = validate(small_config(tmp_path, *squares, data=data))
+    return cfg, build_experiment(cfg, for_training=False)
+
+
+def test_worker_path_normalises_whole_batches_as_timm_does_per_image(tmp_path, squares):
+    """Loader workers return uint8 images and tlkd normalises whole batches; the result is
+    what timm's usual per-image transform (ToTensor, Normalize) gives, and what the in-memory
+    path gives."""
+    import torch
+    from timm.data import create_transform
+
+    cfg, exp = _loaders(tmp_path, squares, False)
+    assert not exp.loaders.in_memory
+    x, y = next(iter(exp.loaders.val))
+    assert x.dtype == torch.float32 and x.shape == (8, 3, IMAGE_SIZE, IMAGE_SIZE)
+    per_image = create_transform(
+        IMAGE_SIZE, is_training=False, crop_pct=1.0, mean=exp.loaders.mean, std=exp.loaders.std
+    )
+    expected = torch.stack([per_image(exp.splits.val[i][0]) for i in range(8)])
+    torch.testing.assert_close(x, expected, atol=1e-5, rtol=0)
+    _, mem = _loaders(tmp_path, squares, True)
+    x_mem, y_mem = next(iter(mem.loaders.val))
+    torch.testing.assert_close(x_mem, x, atol=1e-5, rtol=0)
+    assert torch.equal(y_mem, y)
+
+
+def test_two_views_on_the_worker_path_stack_both_views_of_each_image(tmp_path, squares):
+    import torch
+
+    from tlkd.data.pipeline import extra_loader
+    from tlkd.ssl.simclr import TwoViews
+
+    # random erasing runs per batch: both views of every image are erased independently
+    fixed = dict(crop_mode="rrc", scale=[1.0, 1.0], ratio=[1.0, 1.0], hflip=0.0, color_jitter=0.0)
+    cfg, exp = _loaders(tmp_path, squares, False, **fixed, re_prob=1.0)
+    args = (cfg, exp.splits.train, exp.model_cfg, exp.device)
+    loader = TwoViews(extra_loader(*args, train=True, in_memory=False, two_views=True))
+    x, y = next(iter(loader))
+    assert x.shape == (16, 3, IMAGE_SIZE, IMAGE_SIZE) and (y == -1).all()
+    assert not torch.equal(x[:8], x[8:])  # erased differently
+    kept = (x[:8] == x[8:]).float().mean()
+    assert 0.2 < kept < 1.0  # ... but the same images underneath
+    cfg, exp = _loaders(tmp_path, squares, False, **fixed)
+    args = (cfg, exp.splits.train, exp.model_cfg, exp.device)
+    x, _ = next(iter(TwoViews(extra_loader(*args, train=True, in_memory=False, two_views=True))))
+    torch.testing.assert_close(x[:8], x[8:])  # deterministic views: identical halves

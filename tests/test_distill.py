@@ -184,6 +184,19 @@ def test_logit_loss_needs_teacher_with_the_same_classes(tmp_path):
     assert distill(cfg)["best_val_top1"] is not None
 
 
+def test_missing_teacher_weights_name_the_teacher_key(tmp_path):
+    (tmp_path / "not-a-run").mkdir()
+    for where, key in [
+        ("teacher={{name: resnet20, pretrained: {}}}", "teacher.pretrained"),
+        ("teachers=[{{name: resnet20, pretrained: {}}}]", "teachers.0.pretrained"),
+    ]:
+        for path in (tmp_path / "not-a-run", tmp_path / "missing.safetensors"):
+            cfg = _cfg(tmp_path, "model.name=resnet20", where.format(path))
+            with pytest.raises(ConfigError) as err:
+                distill(cfg, dry_run=True)
+            assert str(err.value).startswith(f"{key}:"), str(err.value)
+
+
 def test_multi_task_student_serves_both_teachers(tmp_path):
     t_low = _teacher_file(tmp_path, "resnet20", 5, 0)
     t_high = _teacher_file(tmp_path, "resnet20", 5, 1)

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 import torch
 from timm.data import create_transform, resolve_model_data_config
-from torch.utils.data import DataLoader, Dataset, Subset
+from timm.data.loader import PrefetchLoader
+from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
 from tlkd.config.schema import Config, DataConfig
 from tlkd.data import memory
@@ -34,10 +35,45 @@ class Transformed(Dataset):
         return self.transform(img), y
 
 
+class PairOfViews(Dataset):
+    """Two independent applications of ``transform`` to each image, stacked (2, C, H, W): the
+    DataLoader path of contrastive pretraining (tlkd.ssl.simclr.TwoViews). Batch them with
+    :func:`collate_views`."""
+
+    def __init__(self, base: LabeledImages, transform: Callable) -> None:
+        self.base, self.transform = base, transform
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        img, y = self.base[i]
+        return torch.stack([self.transform(img), self.transform(img)]), y
+
+
+def collate_views(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batches of PairOfViews as one batch [first views; second views], labels repeated."""
+    pairs, targets = default_collate(batch)
+    return torch.cat([pairs[:, 0], pairs[:, 1]]), targets.repeat(2)
+
+
+class Normalized(PrefetchLoader):
+    """The loader-worker path: workers return uint8 images (timm's transforms built with
+    ``use_prefetcher=True``) and timm's PrefetchLoader converts, normalises and random-erases
+    whole batches on the device, as timm's train.py does. Per-image float conversion in the
+    workers costs the CPU that the model needs: on 2 cores this made evaluation over an image
+    folder 1.1-1.25x faster (docs/performance.md). Adds the ``generator`` the trainer saves
+    for resume."""
+
+    @property
+    def generator(self) -> torch.Generator | None:
+        return self.loader.generator
+
+
 @dataclass
 class Loaders:
-    train: DataLoader | memory.MemoryLoader
-    val: DataLoader | memory.MemoryLoader
+    train: Normalized | memory.MemoryLoader
+    val: Normalized | memory.MemoryLoader
     mean: tuple[float, ...]
     std: tuple[float, ...]
     in_memory: bool = False
@@ -62,12 +98,15 @@ def resolve_input(data: DataConfig, model: torch.nn.Module) -> dict:
 
 
 def build_transforms(data: DataConfig, model_cfg: dict) -> tuple[Callable, Callable]:
+    """timm's per-image transforms, ending in uint8 tensors: normalisation and random erasing
+    happen per batch in :class:`Normalized`."""
     aug = data.augment
     common = dict(
         input_size=(3, data.image_size, data.image_size),
         interpolation=data.interpolation,
         mean=tuple(model_cfg["mean"]),
         std=tuple(model_cfg["std"]),
+        use_prefetcher=True,
     )
     train_tf = create_transform(
         is_training=True,
@@ -148,13 +187,16 @@ def build_loaders(
         persistent_workers=False,
         pin_memory=device.type == "cuda",
     )
-    train = DataLoader(
-        Transformed(splits.train, train_tf), sampler=sampler, generator=generator, **common
-    )
+    train = Normalized(
+        DataLoader(
+            Transformed(splits.train, train_tf), sampler=sampler, generator=generator, **common
+        ),
+        mean, std, device=device, re_prob=cfg.data.augment.re_prob,
+    )  # fmt: skip
     val_set: Dataset = Transformed(splits.val, eval_tf)
     if ddp.enabled:
         val_set = Subset(val_set, val_index)
-    val = DataLoader(val_set, shuffle=False, **common)
+    val = Normalized(DataLoader(val_set, shuffle=False, **common), mean, std, device=device)
     return Loaders(train, val, mean, std, False, f"{workers} loader workers ({held})")
 
 
@@ -202,10 +244,11 @@ def extra_loader(
     seed_offset: int = 1,
     log: Callable[[str], None] = print,
     two_views: bool = False,
-) -> DataLoader | memory.MemoryLoader:
+) -> Normalized | memory.MemoryLoader:
     """A further loader over ``ds`` (e.g. the unlabelled target domain): training views with
     its own shuffling (``seed + seed_offset``), or the deterministic eval views; in memory when
-    the main loaders are and ``ds`` allows, with loader workers otherwise."""
+    the main loaders are and ``ds`` allows, with loader workers otherwise. ``two_views``:
+    batches of two training views per image, [first views; second views] (SimCLR)."""
     train_tf, eval_tf = build_transforms(cfg.data, model_cfg)
     ddp = distributed.info()
     local = cfg.train.batch_size // ddp.world
@@ -237,8 +280,12 @@ def extra_loader(
             pass  # images of several sizes: loader workers instead
     common = dict(batch_size=local, num_workers=workers, pin_memory=device.type == "cuda")
     if train:
-        return DataLoader(Transformed(ds, train_tf), sampler=sampler, generator=generator, **common)
-    view = Transformed(ds, eval_tf)
+        if two_views:
+            common["collate_fn"] = collate_views
+        views = (PairOfViews if two_views else Transformed)(ds, train_tf)
+        loader = DataLoader(views, sampler=sampler, generator=generator, **common)
+        return Normalized(loader, mean, std, device=device, re_prob=cfg.data.augment.re_prob)
+    view: Dataset = Transformed(ds, eval_tf)
     if ddp.enabled:
         view = Subset(view, list(sampler))
-    return DataLoader(view, shuffle=False, **common)
+    return Normalized(DataLoader(view, shuffle=False, **common), mean, std, device=device)

@@ -92,7 +92,7 @@ def build_teacher(cfg: TeacherConfig, key: str, student_mean: tuple, student_std
     classes = None
     if isinstance(cfg.pretrained, str) and Path(cfg.pretrained).is_dir():
         run = Path(cfg.pretrained)
-        file = weights_file(run)
+        file = weights_file(run, f"{key}.pretrained")
         if (run / CONFIG).is_file():
             import yaml
 
@@ -110,7 +110,7 @@ def build_teacher(cfg: TeacherConfig, key: str, student_mean: tuple, student_std
         else:
             model = _from_file(cfg, file)
     elif isinstance(cfg.pretrained, str):
-        model = _from_file(cfg, weights_file(cfg.pretrained))
+        model = _from_file(cfg, weights_file(cfg.pretrained, f"{key}.pretrained"))
     else:
         if cfg.pretrained is False:
             raise ConfigError(f"{key}.pretrained", "a teacher needs trained weights")

@@ -37,17 +37,16 @@ def check_model_name(name: str) -> None:
         )
 
 
-def weights_file(path: str | Path) -> Path:
-    """The weights file named by ``model.pretrained``: a file, or a run directory's weights."""
+def weights_file(path: str | Path, key: str = "model.pretrained") -> Path:
+    """The weights file named by ``key`` (``model.pretrained``, a teacher's ``pretrained``): a
+    file, or a run directory's weights."""
     path = Path(path)
     if path.is_dir():
         if (path / WEIGHTS_FILE).is_file():
             return path / WEIGHTS_FILE
-        raise ConfigError(
-            "model.pretrained", f"{path} is a folder without {WEIGHTS_FILE} (not a tlkd run?)"
-        )
+        raise ConfigError(key, f"{path} is a folder without {WEIGHTS_FILE} (not a tlkd run?)")
     if not path.is_file():
-        raise ConfigError("model.pretrained", f"no such weights file or run directory: {path}")
+        raise ConfigError(key, f"no such weights file or run directory: {path}")
     return path
 
 

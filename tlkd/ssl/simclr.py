@@ -53,8 +53,8 @@ class SimCLR(Objective):
 
 class TwoViews:
     """Batches of two random views of the same images, stacked ([views 1; views 2]), labels
-    -1 (unused). Wraps an in-memory loader (views drawn twice) or a DataLoader whose dataset
-    gives both views of an image."""
+    -1 (unused). Wraps an in-memory loader (views drawn twice) or a loader that already
+    yields both views so (tlkd.data.pipeline.extra_loader with ``two_views``)."""
 
     def __init__(self, loader: Any) -> None:
         self.loader = loader
@@ -69,20 +69,5 @@ class TwoViews:
                 x = torch.cat([self.loader.views(idx), self.loader.views(idx)])
                 yield x, torch.full((len(x),), -1, dtype=torch.long)
         else:
-            for pair, _ in self.loader:  # (B, 2, C, H, W)
-                x = torch.cat([pair[:, 0], pair[:, 1]])
+            for x, _ in self.loader:
                 yield x, torch.full((len(x),), -1, dtype=torch.long)
-
-
-class PairOfViews(torch.utils.data.Dataset):
-    """Both views of one image, for the DataLoader path of TwoViews."""
-
-    def __init__(self, base: Any, transform: Any) -> None:
-        self.base, self.transform = base, transform
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, i: int):
-        img, y = self.base[i]
-        return torch.stack([self.transform(img), self.transform(img)]), y
