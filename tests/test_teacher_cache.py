@@ -102,6 +102,20 @@ def test_a_deterministic_view_makes_the_cache_exact(tmp_path):
     assert again["teachers"][0]["val_top1"] == cached["teachers"][0]["val_top1"]
 
 
+def test_a_sweep_measures_the_teachers_val_accuracy_once(tmp_path, monkeypatch):
+    """With or without distill.cache: the same teacher on the same val images is scored once
+    and remembered, so the runs of a sweep do not each pay a pass over the val set."""
+    import tlkd.recipes.distill as recipe
+
+    calls = []
+    measure = recipe._teacher_top1
+    monkeypatch.setattr(recipe, "_teacher_top1", lambda *a: calls.append(1) or measure(*a))
+    first = distill(_distill_cfg(tmp_path, "s0", "train.epochs=1"))
+    second = distill(_distill_cfg(tmp_path, "s1", "train.epochs=1", "seed=1"))
+    assert len(calls) == 1
+    assert first["teachers"][0]["val_top1"] == second["teachers"][0]["val_top1"] is not None
+
+
 def test_the_cache_refuses_feature_losses_and_the_file_path(tmp_path):
     cases = [
         (["distill.cache.views=2", "distill.losses=[{type: at}]"], "distill.losses.0"),

@@ -75,11 +75,9 @@ def distill(
             else teacher.num_classes == len(exp.classes)
         )
         top1 = None
-        if (
-            same_classes
-            and cfg.distill.cache is not None
-            and isinstance(exp.loaders.val, MemoryLoader)
-        ):  # the same teacher on the same val images: measured once
+        if same_classes and isinstance(exp.loaders.val, MemoryLoader):
+            # the same teacher on the same val images: measured once, remembered in the cache
+            # dir, so the runs of a sweep do not each pay a pass over the val set
             val = exp.loaders.val
             key = digest(teacher_digest(teacher), val.images, val.targets, exp.dtype, "val_top1")
             top1, _ = cached_value(
