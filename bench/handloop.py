@@ -10,6 +10,9 @@ runs from creating the iterator to the last optimizer step, as tlkd's train_img_
 train-fixed: one batch already in memory, trained on repeatedly: the compute ceiling
 (--compile: torch.compile'd; warmup_s holds the compilation).
 eval-files: an inference_mode loop over the val folder (resize/crop, normalise).
+--uint8 (train-files, eval-files): the workers hand over uint8 images (timm's transforms with
+use_prefetcher=True) and the loop normalises whole batches, the data path tlkd's loader workers
+use; without it, the usual per-image ToTensor + Normalize in the workers.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import time
 import timm
 import torch
 import torch.nn.functional as F
-from timm.data import create_transform
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torchvision import datasets
 
 import tlkd.models.cifar  # noqa: F401  registers resnet20/56 in timm
@@ -39,6 +42,19 @@ def _autocast(args):
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16)
 
 
+class _BatchNormalize:
+    """uint8 batches -> normalised float batches (with --uint8; else the identity), with the
+    mean and std create_transform normalises by default."""
+
+    def __init__(self, args) -> None:
+        self.on = args.uint8
+        self.mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1) * 255
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float().sub_(self.mean).div_(self.std) if self.on else x
+
+
 def _step(model, opt, x, y, args) -> None:
     if args.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -51,7 +67,11 @@ def _step(model, opt, x, y, args) -> None:
 
 def train_files(args) -> dict:
     # the transform tlkd builds for this config, made the way a timm user would
-    tf = create_transform(32, is_training=True, scale=(0.7, 1.0), hflip=0.5, color_jitter=None)
+    tf = create_transform(
+        32, is_training=True, scale=(0.7, 1.0), hflip=0.5, color_jitter=None,
+        use_prefetcher=args.uint8,
+    )  # fmt: skip
+    norm = _BatchNormalize(args)
     ds = datasets.ImageFolder(args.train, tf)
     loader = torch.utils.data.DataLoader(
         ds, args.batch_size, shuffle=True, num_workers=args.workers, drop_last=True
@@ -61,7 +81,7 @@ def train_files(args) -> dict:
     seen = 0
     t0 = time.perf_counter()
     for x, y in loader:
-        _step(model, opt, x, y, args)
+        _step(model, opt, norm(x), y, args)
         seen += len(y)
     return {"img_s": seen / (time.perf_counter() - t0), "images": seen}
 
@@ -86,18 +106,21 @@ def train_fixed(args) -> dict:
 
 @torch.inference_mode()
 def eval_files(args) -> dict:
-    tf = create_transform(32, is_training=False, crop_pct=1.0)
+    tf = create_transform(32, is_training=False, crop_pct=1.0, use_prefetcher=args.uint8)
+    norm = _BatchNormalize(args)
     ds = datasets.ImageFolder(args.val, tf)
     loader = torch.utils.data.DataLoader(ds, args.batch_size, num_workers=args.workers)
     model = _model(args).eval()
     seen = 0
     t0 = time.perf_counter()
-    for x, _ in loader:
-        if args.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with _autocast(args):
-            model(x)
-        seen += len(x)
+    with torch.inference_mode():
+        for x, _ in loader:
+            x = norm(x)
+            if args.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with _autocast(args):
+                model(x)
+            seen += len(x)
     return {"img_s": seen / (time.perf_counter() - t0), "images": seen}
 
 
@@ -113,6 +136,7 @@ def main() -> None:
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--uint8", action="store_true")
     args = p.parse_args()
     run = {"train-files": train_files, "train-fixed": train_fixed, "eval-files": eval_files}
     print(json.dumps(run[args.mode](args)))
