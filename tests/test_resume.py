@@ -199,3 +199,25 @@ def test_nonfinite_loss_stops_with_epoch_and_step(tmp_path, tiny_config, run_tlk
     assert re.match(r"error: loss became (nan|inf) at epoch 1, step \d+", error_line(proc))
     proc = run_tlkd("finetune", tiny_config("skip.yaml", train={**blowup, "skip_nonfinite": 2}))
     assert proc.returncode == 1 and "after skipping 2 such steps" in error_line(proc)
+
+
+def _worker_path(config):
+    """The same config on loader workers, with random erasing (which runs per batch in the
+    training process)."""
+    cfg = yaml.safe_load(config.read_text())
+    cfg["data"]["in_memory"] = False
+    cfg["data"]["augment"]["re_prob"] = 0.5
+    config.write_text(yaml.safe_dump(cfg))
+    return config
+
+
+def test_worker_path_with_random_erasing_resumes_exactly(tmp_path, resumable):
+    _finish(_tlkd(tmp_path, "finetune", _worker_path(resumable("full"))))
+    full = tmp_path / "runs" / "full"
+    assert json.loads((full / "summary.json").read_text())["data_path"].startswith("1 loader")
+    stopped = tmp_path / "runs" / "stopped"
+    returncode, err = _signal_during(tmp_path, _worker_path(resumable("stopped")), signal.SIGTERM)
+    assert returncode == 143, err
+    _finish(_tlkd(tmp_path, "finetune", "--resume", stopped))
+    assert _learned(stopped) == _learned(full)
+    assert _same_weights(stopped, full)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -68,6 +68,19 @@ class Normalized(PrefetchLoader):
     @property
     def generator(self) -> torch.Generator | None:
         return self.loader.generator
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.is_cuda or self.is_npu:  # copy and normalise the next batch on a side stream
+            yield from super().__iter__()
+            return
+        # Nothing to overlap on the CPU, so no batch is prepared ahead: a batch's random
+        # erasing draws from the RNG just before its own step, as the checkpoint's RNG state
+        # assumes (a mid-epoch resume then replays it exactly).
+        for images, targets in self.loader:
+            images = images.to(self.img_dtype).sub_(self.mean).div_(self.std)
+            if self.random_erasing is not None:
+                images = self.random_erasing(images)
+            yield images, targets
 
 
 @dataclass
