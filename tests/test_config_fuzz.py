@@ -146,6 +146,20 @@ def test_any_yaml_text_reads_or_fails_cleanly(tmp_path_factory, text):
         _one_clean_line(err)
 
 
+def test_unknown_keys_that_look_like_type_names_are_named():
+    """Found by the fuzz test below: a key such as '[' or 'int' was taken for pydantic's
+    union-member tag and dropped, and naming the unknown key crashed."""
+    for text, key in [("[=", "["), ("int=1", "int"), ("data.list[x]=1", "data.list[x]")]:
+        raw = copy.deepcopy(VALID)
+        apply_override(raw, text)
+        try:
+            validate(raw)
+        except ConfigError as err:
+            assert str(err).startswith(f"unknown key '{key}'"), str(err)
+        else:
+            raise AssertionError(f"{text!r} validated")
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.text(max_size=40))
 def test_any_override_applies_or_fails_cleanly(text):

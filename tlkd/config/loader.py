@@ -147,11 +147,14 @@ def _absolute_paths(cfg: Config) -> Config:
 
 def _to_config_error(err: ValidationError) -> ConfigError:
     first = err.errors()[0]
+    if first["type"] == "extra_forbidden":  # the last part is the user's key, whatever it holds
+        *parent, name = first["loc"]
+        parent = [p for p in parent if not _is_union_tag(p)]
+        key = ".".join(str(p) for p in [*parent, name])
+        hint = did_you_mean(str(name), _fields_at(parent))
+        return ConfigError(None, f"unknown key '{key}'{hint}")
     loc = [p for p in first["loc"] if not _is_union_tag(p)]
     key = ".".join(str(p) for p in loc)
-    if first["type"] == "extra_forbidden":
-        hint = did_you_mean(str(loc[-1]), _fields_at(loc[:-1]))
-        return ConfigError(None, f"unknown key '{key}'{hint}")
     if first["type"] == "missing":
         return ConfigError(key or None, "required key is missing")
     msg = first["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
