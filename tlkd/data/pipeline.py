@@ -35,16 +35,10 @@ class Transformed(Dataset):
         return self.transform(img), y
 
 
-class PairOfViews(Dataset):
+class PairOfViews(Transformed):
     """Two independent applications of ``transform`` to each image, stacked (2, C, H, W): the
     DataLoader path of contrastive pretraining (tlkd.ssl.simclr.TwoViews). Batch them with
     :func:`collate_views`."""
-
-    def __init__(self, base: LabeledImages, transform: Callable) -> None:
-        self.base, self.transform = base, transform
-
-    def __len__(self) -> int:
-        return len(self.base)
 
     def __getitem__(self, i: int):
         img, y = self.base[i]
