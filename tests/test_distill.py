@@ -158,7 +158,13 @@ def test_distill_run_saves_student_without_adapters(tmp_path):
     assert summary["teachers"][0]["params"] == summary["student_params"] == 272_474
     assert summary["student_latency_ms"] > 0 and summary["teacher0_latency_ms"] > 0
     resolved = load_config(run / "config.yaml")
-    assert resolved.distill.losses[2].student_layers == [1, 2, 3]  # the chosen stages, saved
+    # fitnet's default: one hint layer, stage 2 (RepDistiller's hint_layer=2), saved
+    assert resolved.distill.losses[2].student_layers == [2]
+    assert resolved.distill.losses[2].teacher_layers == [2]
+    assert all(
+        row["train_teacher_top1"] is not None
+        for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+    )
     assert file.read_bytes() == teacher_bytes
 
 
@@ -264,3 +270,145 @@ def test_layers_by_stage_index_or_module_name_agree():
         resolve_layers(model, ["stage.1"], "distill.losses.0.student_layers")
     with pytest.raises(ConfigError, match="stage 7 does not exist"):
         resolve_layers(model, [7], "distill.losses.0.student_layers")
+
+
+def _teacher(seed: int = 0, num_classes: int = 10, classes: list[str] | None = None):
+    from tlkd.distill.teacher import Teacher
+
+    torch.manual_seed(seed)
+    model = timm.create_model("resnet20", num_classes=num_classes)
+    return Teacher(model, classes, f"t{seed}", False, (0.5,) * 3, (0.5,) * 3)
+
+
+def test_every_logit_loss_learns_from_the_weighted_mean_of_softened_probabilities():
+    """One rule for several teachers: kd, hard, dkd and dist each compare the student with
+    the weighted mean of the teachers' softmax at the loss's temperature (hard: T=1)."""
+    teachers = [_teacher(0), _teacher(1)]
+    student = timm.create_model("resnet20", num_classes=10).eval()
+    losses = [
+        LossConfig(type="kd", temperature=3.0),
+        LossConfig(type="hard"),
+        LossConfig(type="dkd", warmup_epochs=0),
+        LossConfig(type="dist", temperature=2.0),
+    ]
+    objective = _objective(student, teachers, losses, (3.0, 1.0))
+    images, targets = torch.randn(6, 3, 16, 16), torch.randint(0, 10, (6,))
+    with torch.no_grad():
+        out = objective(student, images, targets)
+        s = student(images)
+        t = [teacher(images)[0] for teacher in teachers]
+
+    def mean_probs(temperature):
+        return (3 * torch.softmax(t[0] / temperature, 1) + torch.softmax(t[1] / temperature, 1)) / 4
+
+    # logits whose softmax at T is the mean: T * log(mean)
+    def as_logits(temperature):
+        return temperature * mean_probs(temperature).log()
+
+    expected = {
+        "kd": L.kd_loss_from_probs(s, mean_probs(3.0), 3.0),
+        "hard": torch.nn.functional.cross_entropy(s, mean_probs(1.0).argmax(1)),
+        "dkd": L.dkd_loss(s, as_logits(4.0), targets, 1.0, 8.0, 4.0),
+        "dist": L.dist_loss(s, as_logits(2.0), 1.0, 1.0, 2.0),
+    }
+    for name, value in expected.items():
+        assert out.parts[name].item() == pytest.approx(value.item(), rel=1e-4, abs=1e-6), name
+
+
+def test_a_superset_teacher_teaches_through_the_students_classes():
+    """A teacher of 10 named classes teaches a student of 3 of them, in the student's order,
+    through every logit loss; partly overlapping classes stay an error."""
+    names = [f"c{i}" for i in range(10)]
+    teacher = _teacher(0, 10, names)
+    student = timm.create_model("resnet20", num_classes=3).eval()
+    mine = ["c7", "c2", "c5"]
+    losses = [
+        LossConfig(type="kd"),
+        LossConfig(type="hard"),
+        LossConfig(type="dkd", warmup_epochs=0),
+        LossConfig(type="dist"),
+    ]
+    cpu = torch.device("cpu")
+    objective = Distillation(student, [teacher], losses, mine, None, [1.0], 16, cpu)
+    images, targets = torch.randn(5, 3, 16, 16), torch.tensor([0, 1, 2, 0, 1])
+    with torch.no_grad():
+        out = objective(student, images, targets)
+        s, t = student(images), teacher(images)[0][:, [7, 2, 5]]
+    expected = {
+        "kd": L.kd_loss(s, t, 4.0),
+        "hard": L.hard_loss(s, t),
+        "dkd": L.dkd_loss(s, t, targets, 1.0, 8.0, 4.0),
+        "dist": L.dist_loss(s, t),
+    }
+    for name, value in expected.items():
+        assert out.parts[name].item() == pytest.approx(value.item(), rel=1e-5, abs=1e-7), name
+    hits = (t.argmax(1) == targets).sum().item()
+    assert objective.train_metrics()["train_teacher_top1"] == pytest.approx(100 * hits / 5)
+    partial = ["c7", "c2", "elephant"]
+    with pytest.raises(ConfigError, match="same classes"):
+        Distillation(student, [teacher], [LossConfig(type="kd")], partial, None, [1.0], 16, cpu)
+    # tasks: each task's classes may be a subset of its teacher's
+    from tlkd.config.schema import TaskConfig
+
+    tasks = [TaskConfig(name="a", classes=["c7", "c2"], teacher=0)]
+    two = timm.create_model("resnet20", num_classes=2).eval()
+    objective = Distillation(
+        two, [teacher], [LossConfig(type="kd")], ["c7", "c2"], tasks, [1.0], 16, cpu
+    )
+    with torch.no_grad():
+        got = objective(two, images, targets.clamp(max=1)).parts["kd"]
+        want = L.kd_loss(two(images), teacher(images)[0][:, [7, 2]], 4.0)
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_superset_teacher_run_dir_in_plan_and_training(tmp_path, capsys):
+    """A tlkd run directory trained on all 10 digits teaches a student of 3 of them: the plan
+    says so, the teacher's val top-1 is measured among the student's classes, and the
+    teacher cache serves its logits too."""
+    from tlkd.engine.progress import Reporter
+    from tlkd.recipes.finetune import finetune
+
+    teacher_run = finetune(
+        _cfg(tmp_path, "model.name=resnet20", "experiment=teacher"), reporter=Reporter(quiet=True)
+    )["run_dir"]
+    base = [
+        "model.name=resnet20",
+        "teacher.name=resnet20",
+        f"teacher.pretrained={teacher_run}",
+        "data.classes=['7','2','5']",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "distill.losses=[{type: kd}, {type: hard}, {type: dkd}, {type: dist}, {type: ce}]",
+    ]
+    distill(_cfg(tmp_path, *base), dry_run=True)
+    plan = capsys.readouterr().out
+    lines = [ln for ln in plan.splitlines() if ln.startswith("teacher 0") and "superset" in ln]
+    assert len(lines) == 1 and "10 classes" in lines[0] and "student's 3" in lines[0], plan
+    assert "val top-1 n/a" not in plan
+    summary = distill(_cfg(tmp_path, *base, "distill.cache.views=1", "experiment=cached"))
+    assert summary["teachers"][0]["val_top1"] is not None
+    row = json.loads((Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()[0])
+    assert 0.0 <= row["train_teacher_top1"] <= 100.0 and "train_loss_dkd" in row
+
+
+def test_teacher_far_worse_on_training_views_warns_about_augmentation(
+    tmp_path, capsys, monkeypatch
+):
+    import tlkd.recipes.distill as recipe
+
+    monkeypatch.setattr(recipe, "_teacher_top1", lambda *a: 99.0)  # "val": a great teacher
+    file = _teacher_file(tmp_path, "resnet20", 10)
+    summary = distill(
+        _cfg(
+            tmp_path,
+            "model.name=resnet20",
+            "teacher.name=resnet20",
+            f"teacher.pretrained={file}",
+            f"data.cache_dir={tmp_path / 'cache'}",  # keep the fake 99% out of other tests
+            "train.epochs=2",
+        )
+    )
+    out = capsys.readouterr().out
+    warnings = [line for line in out.splitlines() if line.startswith("warning: teacher 0")]
+    assert len(warnings) == 1 and "data.augment" in warnings[0], out  # once per run
+    rows = (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()
+    assert all(json.loads(r)["train_teacher_top1"] < 84.0 for r in rows)

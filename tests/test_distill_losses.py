@@ -82,12 +82,47 @@ def test_attention_map_and_at_loss():
     # normalised maps [1,0,0,0] vs [0,0,0,1]: mean squared difference = 2/4
     assert L.at_loss([f], [g]).item() == pytest.approx(0.5)
     assert L.at_loss([f], [f * 7]).item() == pytest.approx(0.0, abs=1e-7)
-    # a student map of another size is resized to the teacher's
+    # a map of another size is pooled to the smaller one's size
     big = torch.ones(1, 3, 4, 4)
     assert L.at_loss([big], [torch.ones(1, 5, 2, 2)]).item() == pytest.approx(0.0, abs=1e-6)
 
 
-def test_fitnet_is_mean_mse_over_pairs():
+def test_at_sums_stages_and_pools_the_larger_map():
+    f, g = torch.zeros(1, 2, 2, 2), torch.zeros(1, 2, 2, 2)
+    f[0, :, 0, 0], g[0, :, 1, 1] = 1.0, 3.0  # per stage: 0.5 (see above)
+    assert L.at_loss([f, f], [g, g]).item() == pytest.approx(1.0)  # summed, not averaged
+    # a 4x4 student map is average-pooled to the teacher's 2x2 (a spot in the top-left
+    # 2x2 block becomes the pooled map's top-left cell), and the other way round
+    big = torch.zeros(1, 3, 4, 4)
+    big[0, :, 1, 0] = 2.0
+    assert L.at_loss([big], [f]).item() == pytest.approx(0.0, abs=1e-7)
+    assert L.at_loss([f], [big]).item() == pytest.approx(0.0, abs=1e-7)
+    assert L.at_loss([big], [g]).item() == pytest.approx(0.5)
+
+
+def test_fitnet_sums_mse_over_pairs():
     a, b = torch.zeros(1, 1, 2, 2), torch.ones(1, 1, 2, 2)
     c, d = torch.zeros(1, 1, 1, 1), torch.full((1, 1, 1, 1), 3.0)
-    assert L.fitnet_loss([a, c], [b, d]).item() == pytest.approx((1.0 + 9.0) / 2)
+    assert L.fitnet_loss([a, c], [b, d]).item() == pytest.approx(1.0 + 9.0)
+
+
+def test_ensemble_logits_soften_to_the_weighted_mean_of_probabilities():
+    torch.manual_seed(0)
+    a, b = torch.randn(3, 5), torch.randn(3, 5)
+    for t in (1.0, 4.0):
+        z = L.ensemble_logits([a, b], [3.0, 1.0], t)
+        mean = (3 * F.softmax(a / t, dim=1) + F.softmax(b / t, dim=1)) / 4
+        torch.testing.assert_close(F.softmax(z / t, dim=1), mean)
+    assert L.ensemble_logits([a], [2.0], 4.0) is a  # one teacher: unchanged
+
+
+def test_dkd_target_gradient_survives_a_large_margin():
+    # student: the target 30 logits above the rest; teacher: p(target) = 0.76. The
+    # target-logit gradient of TCKD (alpha 1, T 1) is p_s(target) - p_t(target) = 0.24
+    student = torch.tensor([[30.0, 0.0, 0.0, 0.0]], requires_grad=True)
+    rest = math.log(0.24 / 3 / 0.76)
+    teacher = torch.tensor([[0.0, rest, rest, rest]])
+    loss = L.dkd_loss(student, teacher, torch.tensor([0]), alpha=1.0, beta=0.0, temperature=1.0)
+    (grad,) = torch.autograd.grad(loss, student)
+    assert grad[0, 0].item() == pytest.approx(0.24, abs=1e-4)
+    assert torch.isfinite(grad).all()

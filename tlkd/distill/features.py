@@ -11,12 +11,22 @@ from tlkd.errors import ConfigError
 Layer = int | str
 
 
-def resolve_layers(model: nn.Module, layers: list[Layer] | None, key: str) -> list[Layer]:
-    """Check layer choices against the model; default: its last three feature stages."""
+HINT_LAYER = 2  # FitNet's default hint: RepDistiller's hint_layer=2 (see resolve_layers)
+
+
+def resolve_layers(
+    model: nn.Module, layers: list[Layer] | None, key: str, hint: bool = False
+) -> list[Layer]:
+    """Check layer choices against the model. Default: its last three feature stages (at), or
+    with ``hint`` (fitnet) the one stage at index 2 of ``feature_info`` (the stem is 0), the
+    layer RepDistiller's ``hint_layer=2`` picks: for the CIFAR ResNets the output of the
+    second of the three residual stages (the last stage if the model has fewer)."""
     stages = len(getattr(model, "feature_info", []) or [])
     if layers is None:
         if stages == 0:
             raise ConfigError(key, "the model reports no feature stages; name modules instead")
+        if hint:
+            return [min(HINT_LAYER, stages - 1)]
         return list(range(max(0, stages - 3), stages))
     names = [n for n, _ in model.named_modules() if n]
     for layer in layers:
@@ -69,17 +79,34 @@ class FeatureTap:
             hook.remove()
 
 
-class Adapter(nn.Module):
-    """FitNet regressor: a 1x1 convolution and BatchNorm mapping student channels to the
-    teacher's, resized to the teacher's spatial size when they differ."""
+class ConvReg(nn.Module):
+    """FitNet regressor as RepDistiller's ``ConvReg`` (``models/util.py``): a convolution
+    chosen by the spatial sizes, then BatchNorm and ReLU, mapping student channels to the
+    teacher's. A student map twice the teacher's: 3x3 conv, stride 2; half: 4x4 transposed
+    conv, stride 2; otherwise, at least as large: a conv with kernel ``1 + s - t`` (1x1 at the
+    same size); a smaller student map of another ratio is an error, as in the reference."""
 
-    def __init__(self, student_channels: int, teacher_channels: int, size: tuple[int, int]) -> None:
+    def __init__(
+        self, student_shape: tuple[int, ...], teacher_shape: tuple[int, ...], key: str = "fitnet"
+    ) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(student_channels, teacher_channels, 1, bias=False)
-        self.bn = nn.BatchNorm2d(teacher_channels)
-        self.size = size
+        _, s_c, s_h, s_w = student_shape
+        _, t_c, t_h, t_w = teacher_shape
+        if (s_h, s_w) == (2 * t_h, 2 * t_w):
+            self.conv = nn.Conv2d(s_c, t_c, kernel_size=3, stride=2, padding=1)
+        elif (2 * s_h, 2 * s_w) == (t_h, t_w):
+            self.conv = nn.ConvTranspose2d(s_c, t_c, kernel_size=4, stride=2, padding=1)
+        elif s_h >= t_h and s_w >= t_w:
+            self.conv = nn.Conv2d(s_c, t_c, kernel_size=(1 + s_h - t_h, 1 + s_w - t_w))
+        else:
+            raise ConfigError(
+                key,
+                f"the student's {s_h}x{s_w} feature map is smaller than the teacher's "
+                f"{t_h}x{t_w} (and not half of it): the FitNet regressor cannot map it; pick "
+                "layers of matching resolution (student_layers, teacher_layers)",
+            )
+        self.bn = nn.BatchNorm2d(t_c)
+        self.relu = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-2:] != self.size:
-            x = nn.functional.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
-        return self.bn(self.conv(x))
+        return self.relu(self.bn(self.conv(x)))

@@ -1,4 +1,5 @@
-"""Distillation losses as plain functions of tensors (each unit-tested on hand-made tensors).
+"""Distillation losses as plain functions of tensors (each unit-tested on hand-made tensors,
+and against transcriptions of the papers' reference code in tests/test_distill_parity.py).
 
 Logit losses take student and teacher logits of the same classes; feature losses take lists of
 feature maps. The formulas follow the papers cited on each function; the code is tlkd's own.
@@ -6,8 +7,25 @@ feature maps. The formulas follow the papers cited on each function; the code is
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+
+
+def ensemble_logits(
+    teachers: list[torch.Tensor], weights: list[float], temperature: float = 1.0
+) -> torch.Tensor:
+    """Several teachers as one: logits ``z`` whose ``softmax(z / T)`` is the weighted mean of
+    the teachers' ``softmax(z_i / T)`` (averaged soft targets, as in multi-teacher KD: Hinton
+    et al. 2015's ensembles, Fukuda et al. 2017, You et al. 2017). Every logit loss uses this
+    rule at its own temperature (``hard`` at T=1), so kd, hard, dkd and dist see the same
+    ensemble. One teacher is returned unchanged."""
+    if len(teachers) == 1:
+        return teachers[0]
+    log_w = torch.tensor([math.log(w / sum(weights)) for w in weights], device=teachers[0].device)
+    log_p = torch.stack([F.log_softmax(t / temperature, dim=1) for t in teachers])
+    return temperature * torch.logsumexp(log_p + log_w.view(-1, 1, 1), dim=0)
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
@@ -31,6 +49,14 @@ def hard_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(student, teacher.argmax(dim=1))
 
 
+def _binary_log_probs(log_p: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """``[log p(target), log p(not target)]`` per row, computed in log space (a logsumexp
+    over the non-target log-probabilities), so neither underflows at large margins."""
+    target = log_p.masked_fill(~gt, float("-inf")).logsumexp(dim=1)
+    rest = log_p.masked_fill(gt, float("-inf")).logsumexp(dim=1)
+    return torch.stack([target, rest], dim=1)
+
+
 def dkd_loss(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -39,16 +65,24 @@ def dkd_loss(
     beta: float = 8.0,
     temperature: float = 4.0,
 ) -> torch.Tensor:
-    """Decoupled KD (Zhao et al. 2022): KD split into target-class KD (binary: target vs.
-    the rest) weighted by ``alpha`` and non-target-class KD (the distribution over the other
-    classes) weighted by ``beta``."""
+    """Decoupled KD (Zhao et al. 2022), as mdistiller's ``dkd_loss``: KD split into
+    target-class KD (binary: target vs. the rest) weighted by ``alpha`` and non-target-class
+    KD (the distribution over the other classes, the target pushed out by ``-1000``)
+    weighted by ``beta``, both KL x T^2 averaged over the batch.
+
+    The binary probabilities are computed in log space: the reference's ``log(p)`` of the
+    summed probabilities has the same value and gradient where float32 can hold them, and
+    tlkd's stays finite where ``p(not target)`` underflows (no clamp that zeroes the
+    gradient of a confident student)."""
     gt = F.one_hot(targets, student.shape[1]).bool()
-    p_s = F.softmax(student / temperature, dim=1)
-    p_t = F.softmax(teacher / temperature, dim=1)
-    # binary distributions [p(target), p(not target)]
-    b_s = torch.stack([(p_s * gt).sum(1), (p_s * ~gt).sum(1)], dim=1).clamp_min(1e-12)
-    b_t = torch.stack([(p_t * gt).sum(1), (p_t * ~gt).sum(1)], dim=1).clamp_min(1e-12)
-    tckd = F.kl_div(b_s.log(), b_t, reduction="batchmean")
+    log_p_s = F.log_softmax(student / temperature, dim=1)
+    log_p_t = F.log_softmax(teacher / temperature, dim=1)
+    tckd = F.kl_div(
+        _binary_log_probs(log_p_s, gt),
+        _binary_log_probs(log_p_t, gt),
+        reduction="batchmean",
+        log_target=True,
+    )
     # distributions over the non-target classes: mask the target out before the softmax
     masked = gt * 1000.0
     log_q_s = F.log_softmax(student / temperature - masked, dim=1)
@@ -82,27 +116,34 @@ def dist_loss(
 
 def attention_map(feature: torch.Tensor, p: float = 2.0) -> torch.Tensor:
     """Spatial attention of a feature map (Zagoruyko & Komodakis 2017): the channel mean of
-    |f|^p, flattened and L2-normalised per sample."""
+    |f|^p, flattened and L2-normalised per sample (for p=2, or the non-negative features
+    after a ReLU, the reference code's ``f.pow(p).mean(1)``)."""
     return F.normalize(feature.abs().pow(p).mean(dim=1).flatten(1), dim=1)
 
 
 def at_loss(
     student: list[torch.Tensor], teacher: list[torch.Tensor], p: float = 2.0
 ) -> torch.Tensor:
-    """Attention transfer: mean squared distance of attention maps, averaged over the chosen
-    stages. A student map of another spatial size is resized to the teacher's first."""
+    """Attention transfer as the reference code (RepDistiller ``distiller_zoo/AT.py``,
+    mdistiller ``AT.py``): per stage the mean over batch and positions of the squared
+    difference of the normalised attention maps, SUMMED over the chosen stages. Where the
+    spatial sizes differ, the larger feature map is adaptive-average-pooled to the smaller."""
     total = student[0].new_zeros(())
     for s, t in zip(student, teacher, strict=True):
-        if s.shape[-2:] != t.shape[-2:]:
-            s = F.interpolate(s, size=t.shape[-2:], mode="bilinear", align_corners=False)
+        size = (min(s.shape[-2], t.shape[-2]), min(s.shape[-1], t.shape[-1]))
+        if s.shape[-2:] != size:
+            s = F.adaptive_avg_pool2d(s, size)
+        if t.shape[-2:] != size:
+            t = F.adaptive_avg_pool2d(t, size)
         total = total + (attention_map(s, p) - attention_map(t, p)).pow(2).mean()
-    return total / len(student)
+    return total
 
 
 def fitnet_loss(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
-    """FitNet hints (Romero et al. 2015): mean squared error between the (adapted) student
-    features and the teacher's, averaged over the chosen stages."""
+    """FitNet hints (Romero et al. 2015): mean squared error between the regressed student
+    features and the teacher's (RepDistiller's ``HintLoss``, ``nn.MSELoss()``), summed over
+    the chosen hint layers (one by default, as the reference)."""
     total = student[0].new_zeros(())
     for s, t in zip(student, teacher, strict=True):
         total = total + F.mse_loss(s, t)
-    return total / len(student)
+    return total

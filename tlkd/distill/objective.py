@@ -1,12 +1,20 @@
 """The distillation objective: a weighted sum of loss terms over student and teacher outputs.
 
-It plugs into the same training loop as finetune. Adapters (FitNet) are submodules of the
+It plugs into the same training loop as finetune. Regressors (FitNet) are submodules of the
 objective: the optimizer trains them with the student, checkpoints keep them, and the saved
 student weights (the model alone) do not contain them. Teachers are deliberately not
 submodules, so they are neither optimised nor written into checkpoints.
+
+Several teachers, one rule: a logit loss without ``teacher:`` learns from the weighted mean of
+the teachers' softened probabilities at its temperature (``hard``: the top class of the mean
+at T=1), see :func:`tlkd.distill.losses.ensemble_logits`. A teacher whose classes are a
+superset of the student's (matched by name) teaches through its logits for the student's
+classes, in the student's order.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -14,14 +22,31 @@ from torch import nn
 
 from tlkd.config.schema import LossConfig, TaskConfig
 from tlkd.distill import losses as L
-from tlkd.distill.features import Adapter, FeatureTap, Layer, resolve_layers
+from tlkd.distill.features import ConvReg, FeatureTap, Layer, resolve_layers
 from tlkd.distill.teacher import Teacher
+from tlkd.engine import distributed
 from tlkd.engine.inference import topk_accuracy
 from tlkd.engine.objectives import Objective, StepOutput
 from tlkd.errors import ConfigError
 
 LOGIT_LOSSES = {"kd", "hard", "dkd", "dist"}
 FEATURE_LOSSES = {"fitnet", "at"}
+# train_teacher_top1 this many points under the teacher's val top-1: warn about augmentation
+VIEW_GAP_WARNING = 15.0
+
+
+def class_index(teacher, want: list[str]) -> tuple[bool, list[int] | None]:
+    """How ``teacher``'s outputs serve the classes ``want``: ``(usable, index)``, where index
+    picks and orders the teacher's logits for ``want`` (None: use them as they are). A
+    teacher with known classes may predict a superset of ``want`` (matched by name); one whose
+    classes are unknown must predict as many classes."""
+    if teacher.classes is None:
+        return teacher.num_classes == len(want), None
+    if teacher.classes == want:
+        return True, None
+    if set(want) <= set(teacher.classes):
+        return True, [teacher.classes.index(c) for c in want]
+    return False, None
 
 
 class Distillation(Objective):
@@ -48,6 +73,9 @@ class Distillation(Objective):
             torch.tensor([classes.index(c) for c in t.classes], device=device) for t in self.tasks
         ]
         self.names = _part_names(losses)
+        self.device = device
+        # per (teacher, task or None): which of the teacher's logits, in the student's order
+        self.class_index: dict[tuple[int, int | None], torch.Tensor | None] = {}
         self._check_classes(classes)
         # feature layers: per loss, which student/teacher layers pair up
         self.pairs: dict[int, tuple[list[Layer], list[Layer], int]] = {}
@@ -55,9 +83,10 @@ class Distillation(Objective):
             if loss.type in FEATURE_LOSSES:
                 t = loss.teacher or 0
                 key = f"distill.losses.{i}"
-                s_layers = resolve_layers(model, loss.student_layers, f"{key}.student_layers")
+                hint = loss.type == "fitnet"
+                s_layers = resolve_layers(model, loss.student_layers, f"{key}.student_layers", hint)
                 t_layers = resolve_layers(
-                    teachers[t].model, loss.teacher_layers, f"{key}.teacher_layers"
+                    teachers[t].model, loss.teacher_layers, f"{key}.teacher_layers", hint
                 )
                 if len(s_layers) != len(t_layers):
                     raise ConfigError(key, "student_layers and teacher_layers must pair up")
@@ -80,6 +109,23 @@ class Distillation(Objective):
         used = {t for loss in losses for t in self._teachers_of(loss)}
         used |= {task.teacher for task in self.tasks}
         self.uses_teacher = [t in used for t in range(len(teachers))]
+        self.epoch: int | None = None  # set by start_epoch (the dkd warm-up); None: no ramp
+        # train_teacher_top1: the first used teacher that serves the student's classes
+        self.metric_teacher = next(
+            (
+                t
+                for t in range(len(teachers))
+                if self.uses_teacher[t] and class_index(teachers[t], classes)[0]
+            ),
+            None,
+        )
+        if self.metric_teacher is not None:
+            _, idx = class_index(teachers[self.metric_teacher], classes)
+            self.class_index.setdefault((self.metric_teacher, None), _index_tensor(idx, device))
+        self.teacher_val_top1: float | None = None  # of metric_teacher, set by the recipe
+        self.log: Callable[[str], None] = print
+        self._warned = False
+        self._reset_counts()
 
     def _teachers_of(self, loss: LossConfig) -> list[int]:
         if loss.type == "ce":
@@ -92,7 +138,7 @@ class Distillation(Objective):
 
     def _check_classes(self, classes: list[str]) -> None:
         """Logit losses need teachers that predict the student's classes (per task: the
-        task's classes)."""
+        task's classes), or a superset of them matched by name."""
         for i, loss in enumerate(self.losses):
             if loss.type not in LOGIT_LOSSES:
                 continue
@@ -104,26 +150,25 @@ class Distillation(Objective):
                         "does not combine with distill.tasks (each task has its teacher)",
                     )
                 targets = [
-                    (task.teacher, task.classes, f"distill.tasks.{j}")
+                    (task.teacher, j, task.classes, f"distill.tasks.{j}")
                     for j, task in enumerate(self.tasks)
                 ]
             else:
-                targets = [(t, classes, f"distill.losses.{i}") for t in self._teachers_of(loss)]
-            for t, want, key in targets:
+                targets = [
+                    (t, None, classes, f"distill.losses.{i}") for t in self._teachers_of(loss)
+                ]
+            for t, task, want, key in targets:
                 teacher = self.teachers[t]
-                same = (
-                    teacher.classes == want
-                    if teacher.classes is not None
-                    else (teacher.num_classes == len(want))
-                )
-                if not same:
+                usable, idx = class_index(teacher, want)
+                if not usable:
                     got = teacher.classes or f"{teacher.num_classes} classes"
                     raise ConfigError(
                         key,
                         f"{loss.type} needs teacher {t} ({teacher.name}) to predict the same "
-                        f"classes {want}, but it predicts {got}; teach across tasks with "
-                        "fitnet or at instead",
+                        f"classes {want} (or a superset, matched by name), but it predicts "
+                        f"{got}; teach across tasks with fitnet or at instead",
                     )
+                self.class_index[(t, task)] = _index_tensor(idx, self.device)
 
     @torch.no_grad()
     def _build_adapters(self, model: nn.Module, image_size: int, device: torch.device) -> None:
@@ -142,8 +187,8 @@ class Distillation(Objective):
                 s, tt = s_by_layer[sl], t_by_layer[tl]
                 if s.dim() != 4 or tt.dim() != 4:
                     raise ConfigError(f"distill.losses.{i}", "fitnet needs NCHW feature maps")
-                self.adapters[f"{i}_{j}"] = Adapter(
-                    s.shape[1], tt.shape[1], tuple(tt.shape[-2:])
+                self.adapters[f"{i}_{j}"] = ConvReg(
+                    tuple(s.shape), tuple(tt.shape), f"distill.losses.{i}"
                 ).to(device)
 
     def forward(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> StepOutput:
@@ -156,6 +201,8 @@ class Distillation(Objective):
             teacher(images) if used else None
             for teacher, used in zip(self.teachers, self.uses_teacher, strict=True)
         ]
+        if self.metric_teacher is not None and t_out[self.metric_teacher] is not None:
+            self._count_teacher_hits(t_out[self.metric_teacher][0], targets)
         total = logits.new_zeros((), dtype=torch.float32)
         parts: dict[str, torch.Tensor] = {}
         for i, loss in enumerate(self.losses):
@@ -183,44 +230,92 @@ class Distillation(Objective):
         if self.tasks:  # each task: its slice of the student's logits, its own teacher
             values = [
                 self._logit_term(
-                    loss, logits[:, idx], [t_out[task.teacher][0].float()], [1.0], None
+                    loss,
+                    logits[:, idx],
+                    [self._teacher_logits(t_out, task.teacher, j)],
+                    [1.0],
+                    None,
                 )
-                for task, idx in zip(self.tasks, self.task_index, strict=True)
+                for j, (task, idx) in enumerate(zip(self.tasks, self.task_index, strict=True))
             ]
             return torch.stack(values).mean()
         ids = self._teachers_of(loss)
-        return self._logit_term(
+        value = self._logit_term(
             loss,
             logits,
-            [t_out[t][0].float() for t in ids],
+            [self._teacher_logits(t_out, t, None) for t in ids],
             [self.teacher_weights[t] for t in ids],
             targets,
         )
+        if loss.type == "dkd":
+            value = value * self.warmup_factor(loss)
+        return value
+
+    def _teacher_logits(self, t_out, t: int, task: int | None) -> torch.Tensor:
+        """Teacher ``t``'s logits for the student's classes (or task ``task``'s), in order."""
+        logits = t_out[t][0].float()
+        idx = self.class_index.get((t, task))
+        return logits if idx is None else logits[:, idx]
+
+    def warmup_factor(self, loss: LossConfig) -> float:
+        """dkd's linear warm-up as mdistiller: ``min(epoch / warmup_epochs, 1)``, epochs
+        counted from 1 (the epoch the trainer announced with :meth:`start_epoch`)."""
+        if not loss.warmup_epochs or self.epoch is None:
+            return 1.0
+        return min(self.epoch / loss.warmup_epochs, 1.0)
 
     @staticmethod
     def _logit_term(loss, student, teacher_logits, weights, targets) -> torch.Tensor:
-        total = sum(weights)
+        # several teachers: one target, the weighted mean of their softened probabilities at
+        # this loss's temperature (hard: at T=1), the same rule for every logit loss
+        temperature = loss.temperature if loss.temperature is not None else 1.0
+        teacher = L.ensemble_logits(teacher_logits, weights, temperature)
         if loss.type == "kd":
-            if len(teacher_logits) == 1:
-                return L.kd_loss(student, teacher_logits[0], loss.temperature)
-            probs = (
-                sum(
-                    w * F.softmax(t / loss.temperature, dim=1)
-                    for w, t in zip(weights, teacher_logits, strict=True)
-                )
-                / total
-            )
-            return L.kd_loss_from_probs(student, probs, loss.temperature)
+            return L.kd_loss(student, teacher, loss.temperature)
         if loss.type == "hard":
-            probs = sum(
-                w * F.softmax(t, dim=1) for w, t in zip(weights, teacher_logits, strict=True)
-            )
-            return F.cross_entropy(student, probs.argmax(dim=1))
-        # several teachers for dkd/dist: their weighted mean logits
-        mean = sum(w * t for w, t in zip(weights, teacher_logits, strict=True)) / total
+            return L.hard_loss(student, teacher)
         if loss.type == "dkd":
-            return L.dkd_loss(student, mean, targets, loss.alpha, loss.beta, loss.temperature)
-        return L.dist_loss(student, mean, loss.beta, loss.gamma, loss.temperature)
+            return L.dkd_loss(student, teacher, targets, loss.alpha, loss.beta, loss.temperature)
+        return L.dist_loss(student, teacher, loss.beta, loss.gamma, loss.temperature)
+
+    # -- the teacher on the training views (train_teacher_top1) --
+
+    def start_epoch(self, epoch: int, epochs: int) -> None:
+        self.epoch = epoch
+        self._reset_counts()
+
+    def _reset_counts(self) -> None:
+        self._hits = torch.zeros((), dtype=torch.long, device=self.device)
+        self._rows = torch.zeros((), dtype=torch.long, device=self.device)
+
+    @torch.no_grad()
+    def _count_teacher_hits(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        """Counted on the device (no sync per step); labelled rows only."""
+        labelled = targets >= 0
+        idx = self.class_index.get((self.metric_teacher, None))
+        logits = logits[labelled] if idx is None else logits[labelled][:, idx]
+        self._hits += (logits.argmax(dim=1) == targets[labelled]).sum()
+        self._rows += labelled.sum()
+
+    def train_metrics(self) -> dict[str, float | None]:
+        """``train_teacher_top1``: the teacher's top-1 (percent) on the student's training
+        views of this epoch (the cached logits with distill.cache). Far below its val top-1,
+        the augmentation likely destroys what the teacher knows: warned once."""
+        if self.metric_teacher is None:
+            return {}
+        hits, rows = distributed.all_sum([float(self._hits.item()), float(self._rows.item())])
+        top1 = 100.0 * hits / rows if rows else None
+        val = self.teacher_val_top1
+        if top1 is not None and val is not None and top1 < val - VIEW_GAP_WARNING:
+            if not self._warned and distributed.info().is_main:
+                self.log(
+                    f"warning: teacher {self.metric_teacher} gets {top1:.1f}% top-1 on the "
+                    f"student's training views against {val:.1f}% on val: the augmentation "
+                    "(data.augment) likely distorts the images beyond what the teacher "
+                    "knows; its soft targets there are poor (try milder data.augment)"
+                )
+            self._warned = True
+        return {"train_teacher_top1": top1}
 
     def val_metrics(self, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
         """Per task: top-1 among the task's own classes, on the val images of that task."""
@@ -233,6 +328,10 @@ class Distillation(Objective):
                 local = member[rows].float().argmax(dim=1)
                 out[f"val_top1_{task.name}"] = topk_accuracy(logits[rows][:, idx], local, 1)
         return out
+
+
+def _index_tensor(idx: list[int] | None, device: torch.device) -> torch.Tensor | None:
+    return None if idx is None else torch.tensor(idx, device=device)
 
 
 def _unique(items) -> list:

@@ -41,6 +41,16 @@ class Objective(nn.Module, ABC):
     def start_epoch(self, epoch: int, epochs: int) -> None:
         """Told at the start of every training epoch (e.g. for warm-ups and schedules)."""
 
+    def train_metrics(self) -> dict[str, float | None]:
+        """Per-epoch training metrics the objective gathered itself over the epoch (e.g.
+        distill's teacher top-1 on the training views), logged with the epoch's row. Called
+        after every training epoch on every process (sum over processes here)."""
+        return {}
+
+    def start_step(self, step: int, steps: int) -> None:
+        """Told before every training step: ``step`` (1-based) of the epoch's ``steps`` (e.g.
+        for per-iteration schedules; a position, not a count, so a resume gets it exactly)."""
+
     def before_val(self, model: nn.Module) -> None:
         """Runs before each validation (e.g. AdaBN re-estimates BatchNorm statistics)."""
 

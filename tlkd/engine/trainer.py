@@ -162,6 +162,7 @@ class Trainer:
                 if step == skip:
                     _set_rng(partial["rng"])  # the RNGs as they were when it stopped
                 continue
+            self.objective.start_step(step, steps)
             images = images.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
             if cfg.channels_last:
@@ -212,6 +213,7 @@ class Trainer:
         row: dict[str, Any] = {"epoch": epoch}
         row.update({k: v / max(seen, 1) for k, v in sums.items()})
         row["train_top1"] = 100.0 * correct / labelled if labelled else None
+        row.update(self.objective.train_metrics())
         row.update(val_loss=None, val_top1=None, val_top5=None)
         if epoch % cfg.val_every == 0 or epoch == cfg.epochs:
             row.update(self.validate())

@@ -10,7 +10,7 @@ import torch
 from tlkd.adapt.data import PairedLoader
 from tlkd.config.schema import Config, DistillConfig
 from tlkd.data.datasets import unlabeled
-from tlkd.data.memory import MemoryLoader, default_cache_dir
+from tlkd.data.memory import MemoryLoader, usable_cache_dir
 from tlkd.data.pipeline import extra_loader
 from tlkd.distill.cache import (
     CachedTeacher,
@@ -21,7 +21,7 @@ from tlkd.distill.cache import (
     digest,
     teacher_digest,
 )
-from tlkd.distill.objective import FEATURE_LOSSES, Distillation
+from tlkd.distill.objective import FEATURE_LOSSES, Distillation, class_index
 from tlkd.distill.teacher import Teacher, build_teacher
 from tlkd.engine.device import autocast
 from tlkd.engine.distributed import gather_cat
@@ -69,27 +69,36 @@ def distill(
     )
     plan, info = [], []
     for i, teacher in enumerate(teachers):
-        same_classes = (
-            teacher.classes == exp.classes
-            if teacher.classes is not None
-            else teacher.num_classes == len(exp.classes)
-        )
+        # a teacher of the student's classes, or of a superset (its logits for the student's)
+        usable, idx = class_index(teacher, exp.classes)
         top1 = None
-        if same_classes and isinstance(exp.loaders.val, MemoryLoader):
+        if usable and isinstance(exp.loaders.val, MemoryLoader):
             # the same teacher on the same val images: measured once, remembered in the cache
             # dir, so the runs of a sweep do not each pay a pass over the val set
             val = exp.loaders.val
-            key = digest(teacher_digest(teacher), val.images, val.targets, exp.dtype, "val_top1")
-            top1, _ = cached_value(
-                cfg.data.cache_dir or default_cache_dir(),
-                key,
-                lambda teacher=teacher: _teacher_top1(teacher, exp, cfg),
+            mapped = [] if idx is None else [idx]  # a superset teacher: its logits for ours
+            key = digest(
+                teacher_digest(teacher), val.images, val.targets, exp.dtype, "val_top1", *mapped
             )
-        elif same_classes:
-            top1 = _teacher_top1(teacher, exp, cfg)
+            top1, _ = cached_value(
+                usable_cache_dir(cfg.data.cache_dir),
+                key,
+                lambda teacher=teacher, idx=idx: _teacher_top1(teacher, exp, cfg, idx),
+            )
+        elif usable:
+            top1 = _teacher_top1(teacher, exp, cfg, idx)
         shown = f"val top-1 {top1:.2f}%" if top1 is not None else "val top-1 n/a (other classes)"
         plan.append(f"teacher {i}   {teacher.name}: {teacher.params():,} parameters, {shown}")
+        if idx is not None:
+            plan.append(
+                f"teacher {i}   predicts {len(teacher.classes)} classes, a superset of the "
+                f"student's {len(exp.classes)}: logit losses use its logits for the student's "
+                "classes, in the student's order"
+            )
         info.append({"name": teacher.name, "params": teacher.params(), "val_top1": top1})
+    if objective.metric_teacher is not None:  # train_teacher_top1 against this, per epoch
+        objective.teacher_val_top1 = info[objective.metric_teacher]["val_top1"]
+        objective.log = reporter.print
     losses = ", ".join(
         f"{name} x{loss.weight:g}"
         for name, loss in zip(objective.names, cfg.distill.losses, strict=True)
@@ -146,7 +155,7 @@ def _use_cache(cfg: Config, exp, teachers: list[Teacher], objective, reporter) -
                 "batch statistics make a teacher's outputs depend on the batch: not cacheable",
             )
     c = cfg.distill.cache
-    cache_dir = cfg.data.cache_dir or default_cache_dir()
+    cache_dir = usable_cache_dir(cfg.data.cache_dir)
     bank = build_bank(
         exp.loaders.train, teachers, objective.uses_teacher, c.views, c.seed, exp.dtype,
         exp.device, cache_dir, reporter.print,
@@ -179,12 +188,14 @@ def _tasks_define_classes(cfg: Config) -> None:
 
 
 @torch.inference_mode()
-def _teacher_top1(teacher: Teacher, exp, cfg: Config) -> float:
+def _teacher_top1(teacher: Teacher, exp, cfg: Config, idx: list[int] | None = None) -> float:
+    """The teacher's val top-1 among the student's classes (``idx``: its logits for them)."""
     logits, targets = [], []
     for images, y in exp.loaders.val:
         with autocast(exp.device, exp.dtype):
             out, _ = teacher(images.to(exp.device))
-        logits.append(out.float().cpu())
+        out = out.float().cpu()
+        logits.append(out if idx is None else out[:, idx])
         targets.append(y)
     # under torchrun each process holds a shard of val: measure on the whole set
     return classification_metrics(*gather_cat(torch.cat(logits), torch.cat(targets)))["top1"]
