@@ -25,9 +25,17 @@ def reverse_gradient(x: torch.Tensor, lam: float) -> torch.Tensor:
     return _Reverse.apply(x, lam)
 
 
-def dann_lambda(progress: float) -> float:
-    """Ganin's schedule: 0 at the start of training, rising to 1 (``progress`` in [0, 1])."""
-    return 2.0 / (1.0 + math.exp(-10.0 * progress)) - 1.0
+GAMMA = 10.0  # Ganin & Lempitsky's gamma (section 5.2 of the paper)
+
+
+def dann_lambda(step: int, total: int, gamma: float = GAMMA) -> float:
+    """Ganin's schedule per training iteration: ``2 / (1 + exp(-gamma p)) - 1`` with
+    ``p = step / total`` the progress, 0 at the first adapting step (``step`` 0, lambda 0)
+    and rising towards 1. It is tllib's WarmStartGradientReverseLayer (lo 0, hi 1, alpha
+    ``gamma``, max_iters ``total``), whose iteration count starts at 0 and grows by one per
+    step."""
+    p = step / max(total, 1)
+    return 2.0 / (1.0 + math.exp(-gamma * p)) - 1.0
 
 
 class DomainDiscriminator(nn.Module):

@@ -19,14 +19,16 @@ from tlkd.engine.objectives import Objective, StepOutput
 
 
 class DomainObjective(Objective):
-    """Source cross-entropy; scores a labelled source val set after every validation.
+    """Source cross-entropy; scores a labelled source val set at every validation.
 
     With ``target_stats`` (eval-transformed target images), BatchNorm statistics are
-    re-estimated on the target before every validation (AdaBN), and with ``adapt.target_bn``
-    each batch's source and target images go through the model separately, so BatchNorm
+    re-estimated on the target before every validation (AdaBN); the source val set is scored
+    first, with the statistics training left (the source's). With ``adapt.target_bn`` each
+    batch's source and target images go through the model separately, so BatchNorm
     normalises the target with target statistics in training too (domain-specific batch
     normalisation, as in Chang et al. 2019: a shared network whose normalisation is per
-    domain)."""
+    domain). Without it (the default) both domains share one batch and its statistics, as in
+    the methods' papers."""
 
     def __init__(
         self,
@@ -41,6 +43,8 @@ class DomainObjective(Objective):
         self.runtime = runtime  # device, dtype, channels_last
         self.target_stats = target_stats
         self.epoch, self.epochs = 1, 1
+        self.step, self.steps = 1, 1
+        self._source_scores: dict[str, float] = {}
 
     def run(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The model's logits for the batch, rows in the batch's order; per domain when
@@ -54,27 +58,42 @@ class DomainObjective(Objective):
         return out[order.argsort()]
 
     def before_val(self, model: nn.Module) -> None:
+        """The source val set scored with the BatchNorm statistics of training (the source's),
+        then, with ``target_stats``, the statistics re-estimated on the target for the target
+        val set and the saved model."""
+        r = self.runtime
+        if self.source_val is not None:
+            logits, targets = gather_cat(
+                *predict(model, self.source_val, r["device"], r["dtype"], r["channels_last"])
+            )
+            m = classification_metrics(logits, targets)
+            self._source_scores = {"source_val_loss": m["loss"], "source_val_top1": m["top1"]}
         if self.target_stats is not None:
-            r = self.runtime
             reestimate_bn(model, self.target_stats, r["device"], r["dtype"], r["channels_last"])
 
     def start_epoch(self, epoch: int, epochs: int) -> None:
         self.epoch, self.epochs = epoch, epochs
+
+    def start_step(self, step: int, steps: int) -> None:
+        self.step, self.steps = step, steps
 
     @property
     def adapting(self) -> bool:
         """Past the warm-up epochs: the target term is on."""
         return self.epoch > self.cfg.warmup_epochs
 
+    @property
+    def progress(self) -> tuple[int, int]:
+        """(steps of adaptation done before this one, steps of adaptation in all): the
+        position in the training after the warm-up epochs, from the epoch and step numbers,
+        so a resumed run continues the count exactly."""
+        warm = self.cfg.warmup_epochs
+        done = (self.epoch - warm - 1) * self.steps + self.step - 1
+        return max(done, 0), max(self.epochs - warm, 1) * self.steps
+
     def extra_val(self, model: nn.Module) -> dict[str, float]:
-        if self.source_val is None:
-            return {}
-        r = self.runtime
-        logits, targets = gather_cat(
-            *predict(model, self.source_val, r["device"], r["dtype"], r["channels_last"])
-        )
-        m = classification_metrics(logits, targets)
-        return {"source_val_loss": m["loss"], "source_val_top1": m["top1"]}
+        scores, self._source_scores = self._source_scores, {}
+        return scores
 
 
 def _source_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -118,11 +137,21 @@ class PseudoLabel(DomainObjective):
         return StepOutput(total, logits, {"ce": ce.detach(), "pseudo": pseudo.detach()})
 
 
+def domain_loss(source_logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
+    """The discriminator's binary cross-entropy, source labelled 0 and target 1, each domain's
+    mean weighted 1/2 (tllib's DomainAdversarialLoss; the mean over the batch when the
+    domains are equally many, as in Ganin's batches)."""
+    s = F.binary_cross_entropy_with_logits(source_logits, torch.zeros_like(source_logits))
+    t = F.binary_cross_entropy_with_logits(target_logits, torch.ones_like(target_logits))
+    return 0.5 * (s + t)
+
+
 class DANN(DomainObjective):
     """Domain-adversarial training (Ganin & Lempitsky 2015): a discriminator tells source from
-    target on the classifier's input features, through gradient reversal, so the features
-    learn to hide the domain. The discriminator is trained and checkpointed with the model but
-    not saved in model.safetensors."""
+    target on the classifier's input features, through gradient reversal whose lambda follows
+    Ganin's schedule per training step, so the features learn to hide the domain. The
+    discriminator is trained and checkpointed with the model but not saved in
+    model.safetensors."""
 
     def __init__(self, cfg, source_val, runtime, target_stats, model: nn.Module, features: int):
         super().__init__(cfg, source_val, runtime, target_stats)
@@ -141,12 +170,11 @@ class DANN(DomainObjective):
             tgt = targets < 0
             feats = feats[torch.cat([(~tgt).nonzero(), tgt.nonzero()]).squeeze(1).argsort()]
         ce = _source_ce(logits, targets)
-        if not self.adapting:
+        tgt = targets < 0
+        if not self.adapting or not tgt.any() or tgt.all():
             return StepOutput(ce, logits, {"ce": ce.detach()})
-        span = max(self.epochs - self.cfg.warmup_epochs, 1)
-        lam = dann_lambda((self.epoch - self.cfg.warmup_epochs) / span)
-        domain = (targets < 0).float()
+        lam = dann_lambda(*self.progress)
         d_logits = self.discriminator(feats.float(), lam)
-        d_loss = F.binary_cross_entropy_with_logits(d_logits, domain)
+        d_loss = domain_loss(d_logits[~tgt], d_logits[tgt])
         total = ce + self.cfg.weight * d_loss
         return StepOutput(total, logits, {"ce": ce.detach(), "domain": d_loss.detach()})

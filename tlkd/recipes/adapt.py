@@ -100,10 +100,21 @@ def adapt(
         plan.append(
             "batchnorm   "
             + (
-                "per domain in training; re-estimated on the target before every validation"
+                "per domain in training (adapt.target_bn: true, the per-domain-BN variant); "
+                "re-estimated on the target before every validation"
                 if a.target_bn
-                else "shared by source and target batches (adapt.target_bn: false)"
+                else "one batch of source and target images, shared statistics "
+                f"(plain {'DANN' if a.method == 'dann' else 'pseudo-labelling'}; "
+                "adapt.target_bn: false)"
             )
         )
+    if a.method == "dann":
+        span = max(cfg.train.epochs - a.warmup_epochs, 0)
+        plan.append(
+            "grl         Ganin's lambda = 2/(1+exp(-10 p)) - 1 per step, p from 0 to 1 over "
+            f"the {span} epochs after {a.warmup_epochs} warm-up"
+        )
     extra = {"adapt": a.method, "target_images": len(target)}
+    if a.method != "adabn":
+        extra["target_bn"] = a.target_bn
     return train(exp, objective, "adapt", reporter, dry_run, plan, extra, resume)

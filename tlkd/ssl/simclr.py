@@ -9,27 +9,79 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from tlkd.config.schema import PretrainConfig
+from tlkd.engine import distributed
 from tlkd.engine.objectives import Objective, StepOutput
 from tlkd.ssl.knn import knn_top1
 
 
+class _GatherRows(torch.autograd.Function):
+    """Every process's rows, in rank order (``counts`` of them). Backward: each process gets
+    the gradient of its own rows summed over the processes, the gradient of the gather (as
+    TF's cross-replica all-reduce in SimCLR's code gives), so with DistributedDataParallel's
+    average the update is the one a single process makes on the global batch."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, counts: list[int], rank: int) -> torch.Tensor:
+        padded = x.new_zeros((max(counts), *x.shape[1:]))
+        padded[: len(x)] = x
+        parts = [torch.empty_like(padded) for _ in counts]
+        dist.all_gather(parts, padded)
+        ctx.start, ctx.count = sum(counts[:rank]), len(x)
+        return torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.start : ctx.start + ctx.count], None, None
+
+
+def gather_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(all processes' rows of ``x`` in rank order, the index of this process's first row);
+    ``x`` itself and 0 in a single process."""
+    if not distributed.info().enabled:
+        return x, 0
+    world = dist.get_world_size()
+    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([len(x)], device=x.device))
+    counts, rank = [int(s) for s in sizes], dist.get_rank()
+    return _GatherRows.apply(x, counts, rank), sum(counts[:rank])
+
+
 def nt_xent(z: torch.Tensor, temperature: float) -> torch.Tensor:
-    """NT-Xent over ``z`` = [views 1; views 2] (2N rows): row i's positive is row i +- N."""
-    z = F.normalize(z.float(), dim=1)
-    n = z.shape[0] // 2
-    sim = z @ z.T / temperature
-    sim.fill_diagonal_(float("-inf"))  # a view is not its own negative
-    partner = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
-    return F.cross_entropy(sim, partner)
+    """NT-Xent as SimCLR's code computes it (tf2/objective.py, add_contrastive_loss), for
+    ``z`` = [views 1; views 2] (2N rows, row i's partner is row i + N): each view of a pair
+    is scored against its partner among the other 2N - 2 views as negatives, in both
+    directions, and the two cross-entropies are summed: the mean over pairs of
+    loss(a->b) + loss(b->a), twice the mean over the 2N rows. Under torchrun the candidates
+    are every process's views (gathered, gradients flowing back to their processes), the
+    anchors this process's own."""
+    h = F.normalize(z.float(), dim=1)
+    h1, h2 = h.chunk(2)
+    n = len(h1)
+    both, start = gather_rows(torch.cat([h1, h2], dim=1))
+    h1_all, h2_all = both.split(h.shape[1], dim=1)
+    labels = torch.arange(start, start + n, device=h.device)
+    self_mask = torch.zeros(n, len(both), dtype=torch.bool, device=h.device)
+    self_mask[torch.arange(n, device=h.device), labels] = True  # a view is not its own negative
+    aa = (h1 @ h1_all.T / temperature).masked_fill(self_mask, float("-inf"))
+    bb = (h2 @ h2_all.T / temperature).masked_fill(self_mask, float("-inf"))
+    ab = h1 @ h2_all.T / temperature
+    ba = h2 @ h1_all.T / temperature
+    loss_a = F.cross_entropy(torch.cat([ab, aa], dim=1), labels, reduction="none")
+    loss_b = F.cross_entropy(torch.cat([ba, bb], dim=1), labels, reduction="none")
+    return (loss_a + loss_b).mean()
 
 
 class SimCLR(Objective):
     """The backbone (a timm model without classifier) plus a projection head; the head is
-    trained and checkpointed but not saved in model.safetensors (only the backbone is)."""
+    trained and checkpointed but not saved in model.safetensors (only the backbone is). The
+    loss is SimCLR's code's NT-Xent (:func:`nt_xent`)."""
 
     def __init__(self, features: int, cfg: PretrainConfig) -> None:
         super().__init__()
