@@ -8,6 +8,7 @@ from __future__ import annotations
 import shutil
 
 import timm
+import torch
 from conftest import MODEL, error_line
 
 
@@ -114,8 +115,11 @@ def test_version_command(cli):
 
 
 def test_failure_while_running_is_exit_1(tiny_config, tmp_path, cli):
-    junk = tmp_path / "junk.pth"
-    junk.write_bytes(b"not a checkpoint")
+    from safetensors.torch import save_file
+
+    junk = tmp_path / "junk.safetensors"  # a weights file cut short (a text file: exit 2)
+    save_file({"w": torch.zeros(1000)}, str(junk))
+    junk.write_bytes(junk.read_bytes()[:200])
     result = cli("finetune", tiny_config(), f"model.pretrained={junk}")
     assert result.exit_code == 1
     assert "cannot read weights" in in_process_error(result)
@@ -141,3 +145,31 @@ def test_evaluate_non_run_is_exit_2(tmp_path, cli):
     result = cli("evaluate", tmp_path, "--no-speed")
     assert result.exit_code == 2
     assert "not a tlkd run directory" in in_process_error(result)
+
+
+def test_relative_teacher_path_is_saved_absolute_and_resumes_elsewhere(
+    trained_run, tmp_path, squares, write_config, cli, monkeypatch
+):
+    import os
+
+    import yaml
+    from conftest import small_config
+
+    train, val = squares
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    teacher = os.path.relpath(trained_run.dir, work)  # relative to the working directory
+    cfg = small_config(tmp_path, train, val, experiment="kd", train={"epochs": 1})
+    cfg["teacher"] = {"name": MODEL, "pretrained": teacher}
+    result = cli("distill", write_config(cfg, "kd.yaml"), "-q")
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "runs" / "kd"
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["teacher"]["pretrained"] == str(trained_run.dir)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the relative path would now point nowhere
+    result = cli("distill", "--resume", run, "train.epochs=2", "-q")
+    assert result.exit_code == 0, result.output
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2

@@ -31,7 +31,7 @@ def test_no_config_and_empty_file_give_the_defaults(write_config):
         assert isinstance(cfg, Config)
         assert cfg.data.dataset == "digits"
         assert cfg.model.name == "resnet18"
-        assert cfg.model.pretrained is False
+        assert cfg.model.pretrained == "auto"  # hub weights when they can be had
         assert cfg.model.freeze == "none"
         assert cfg.train.epochs == 10
         assert cfg.train.optimizer.name == "adamw"
@@ -62,6 +62,36 @@ def test_paths_become_absolute(tmp_path, monkeypatch):
     assert validate({}).output_dir.is_absolute()
 
 
+def test_teacher_paths_become_absolute_and_booleans_stay(tmp_path, monkeypatch):
+    from tlkd.config import resolved_dict
+
+    monkeypatch.chdir(tmp_path)
+    one = validate({"teacher": {"name": "t", "pretrained": "runs/teacher"}})
+    assert one.teacher.pretrained == str(tmp_path / "runs" / "teacher")
+    assert resolved_dict(one)["teacher"]["pretrained"] == str(tmp_path / "runs" / "teacher")
+    many = validate(
+        {
+            "teachers": [
+                {"name": "a", "pretrained": "~/weights/a.safetensors"},
+                {"name": "b", "pretrained": True},
+                {"name": "c", "pretrained": False},
+            ],
+            "data": {"train": "t", "unlabeled": "u", "cache_dir": "c"},
+            "adapt": {"method": "adabn", "source_val": "sv"},
+        }
+    )
+    saved = resolved_dict(many)
+    assert [t["pretrained"] for t in saved["teachers"]] == [
+        str(Path.home() / "weights" / "a.safetensors"),
+        True,
+        False,
+    ]
+    assert saved["data"]["unlabeled"] == str(tmp_path / "u")
+    assert saved["data"]["cache_dir"] == str(tmp_path / "c")
+    assert saved["adapt"]["source_val"] == str(tmp_path / "sv")
+    assert validate({"model": {"pretrained": True}}).model.pretrained is True
+
+
 # --- unknown keys and wrong values -------------------------------------------------------------
 
 
@@ -82,6 +112,29 @@ def test_unknown_key_is_one_line_with_did_you_mean(raw, key, suggestion):
     err = config_error(raw)
     assert f"unknown key '{key}'" in str(err)
     assert f"did you mean '{suggestion}'?" in str(err)
+
+
+@pytest.mark.parametrize(
+    ("raw", "key", "suggestion"),
+    [
+        ({"train": {"lr": 0.1}}, "train.lr", "train.optimizer.lr"),
+        ({"lr": 0.1}, "lr", "train.optimizer.lr"),
+        ({"epochs": 3}, "epochs", "train.epochs"),
+        ({"data": {"hflip": 0.5}}, "data.hflip", "data.augment.hflip"),
+        ({"train": {"momentun": 0.9}}, "train.momentun", "train.optimizer.momentum"),
+        # the same key further down its own section wins over a merely similar sibling
+        ({"train": {"warmup_epochs": 1}}, "train.warmup_epochs", "train.scheduler.warmup_epochs"),
+        ({"distill": {"temperature": 2}}, "distill.temperature", "distill.losses.N.temperature"),
+    ],
+)
+def test_unknown_key_suggests_a_key_in_another_section(raw, key, suggestion):
+    err = config_error(raw)
+    assert f"unknown key '{key}' (did you mean '{suggestion}'?)" in str(err)
+
+
+def test_override_in_the_wrong_section_suggests_the_full_key():
+    err = config_error(overrides=["train.lr=0.1"])
+    assert "unknown key 'train.lr' (did you mean 'train.optimizer.lr'?)" in str(err)
 
 
 def test_unknown_key_without_a_close_match_has_no_suggestion():

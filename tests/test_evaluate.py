@@ -157,6 +157,8 @@ def test_evaluate_on_another_val_folder(trained_run, make_images):
     # blue, 1 green square filed as red
     for src, dst, name in [("red", "blue", "000"), ("red", "blue", "001"), ("green", "red", "002")]:
         (other / src / f"{name}.png").rename(other / dst / f"{src}-{name}.png")
+    plain = evaluate(trained_run.dir, reporter=Reporter(quiet=True), speed=False)
+    assert plain["overrides"] == [] and plain["eval_file"] == "eval.json"
     results = evaluate(
         trained_run.dir, [f"data.val={other}"], reporter=Reporter(quiet=True), speed=False
     )
@@ -165,8 +167,34 @@ def test_evaluate_on_another_val_folder(trained_run, make_images):
     assert results["images"] == 15
     assert results["top1"] < 100
     assert results["confusion"][0][2] >= 1  # a "blue" (true) predicted red
-    on_disk = json.loads((trained_run.dir / "eval.json").read_text())
+    # the plain evaluation stays eval.json; this one is named after its overrides
+    name = results["eval_file"]
+    assert name.startswith("eval-val-other-") and name.endswith(".json")
+    on_disk = json.loads((trained_run.dir / name).read_text())
     assert on_disk["confusion"] == hand["confusion"]
+    assert on_disk["overrides"] == [f"data.val={other}"]
+    assert (
+        trained_run.dir / name.replace("eval-", "confusion-").replace(".json", ".png")
+    ).is_file()
+    kept = json.loads((trained_run.dir / "eval.json").read_text())
+    assert kept["images"] == 12 and kept["overrides"] == []
+
+
+def test_evaluation_names_are_stable_and_distinct(trained_run, tmp_path, monkeypatch):
+    from tlkd.config import load_config
+    from tlkd.recipes.evaluate import overrides_slug
+
+    cfg = load_config(trained_run.dir / "config.yaml", [f"data.val={tmp_path / 'a' / 'test'}"])
+    slug = overrides_slug([f"data.val={tmp_path / 'a' / 'test'}"], cfg)
+    assert slug.startswith("val-test-") and len(slug) == len("val-test-") + 6
+    monkeypatch.chdir(tmp_path)  # a relative path to the same folder: the same name
+    assert overrides_slug(["data.val=a/test"], load_config(None, ["data.val=a/test"])) == slug
+    other = load_config(None, ["data.val=b/test"])
+    assert overrides_slug(["data.val=b/test"], other) != slug  # same last folder, other path
+    two = load_config(None, ["data.val=a/test", "train.batch_size=4"])
+    assert overrides_slug(["data.val=a/test", "train.batch_size=4"], two).startswith(
+        "val-test_batch_size-4-"
+    )
 
 
 def test_evaluate_another_val_folder_of_a_few_label_run(tmp_path, squares, write_config, cli):

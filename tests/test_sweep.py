@@ -61,3 +61,49 @@ def test_sweep_typo_fails_before_any_run(tmp_path, tiny_config, run_tlkd):
     proc = run_tlkd("sweep", tiny_config(), "--grid", "train.optimiser.lr=0.1,0.2")
     assert proc.returncode == 2 and "did you mean 'optimizer'" in proc.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_sweep_picks_the_mode_from_the_config():
+    from tlkd.config.loader import validate
+    from tlkd.recipes.modes import MODES, mode_of
+
+    assert list(MODES) == ["finetune", "distill", "adapt", "pretrain"]
+    assert mode_of(validate({})) == "finetune"
+    assert mode_of(validate({"teacher": {"name": "t"}})) == "distill"
+    assert mode_of(validate({"distill": {}})) == "distill"
+    assert mode_of(validate({"adapt": {"method": "adabn"}})) == "adapt"
+    assert mode_of(validate({"pretrain": {}})) == "pretrain"
+
+
+def test_sweep_runs_an_adapt_config(tmp_path, make_images, write_config, run_tlkd):
+    from conftest import small_config
+
+    source, val = make_images("source", per_class=4), make_images("target_val", per_class=2)
+    target = make_images("target", per_class=4)
+    cfg = small_config(tmp_path, source, val, experiment="ada", train={"epochs": 0})
+    cfg["data"]["unlabeled"] = str(target)
+    cfg["adapt"] = {"method": "adabn"}  # statistics only: no training
+    proc = run_tlkd("sweep", write_config(cfg), "--grid", "seed=0,1")
+    assert proc.returncode == 0, proc.stderr
+    for seed in (0, 1):
+        summary = json.loads(
+            (tmp_path / "runs/ada-sweep" / f"seed-{seed}/summary.json").read_text()
+        )
+        assert summary["mode"] == "adapt" and summary["status"] == "finished"
+
+
+def test_sweep_bad_combination_fails_before_any_run(tmp_path, tiny_config, run_tlkd):
+    from conftest import error_line
+
+    # valid schema, but a model timm does not know: found by the dry run of that combination
+    proc = run_tlkd("sweep", tiny_config(), "--grid", "model.name=test_resnet,no_such_net")
+    assert proc.returncode == 2, proc.stderr
+    line = error_line(proc)
+    assert "sweep run name-nosuchnet (model.name=no_such_net)" in line and "model.name" in line
+    assert not (tmp_path / "runs").exists()
+    # a value the schema refuses, in one combination of two keys
+    proc = run_tlkd("sweep", tiny_config(), "--grid", "train.epochs=1,-1", "--grid", "seed=0,1")
+    assert proc.returncode == 2
+    line = error_line(proc)
+    assert "sweep run epochs--1_seed-0" in line and "train.epochs" in line
+    assert not (tmp_path / "runs").exists()

@@ -57,15 +57,9 @@ def _train_command(
         from tlkd.engine import distributed
         from tlkd.engine.progress import Reporter
         from tlkd.errors import ConfigError
+        from tlkd.recipes.modes import recipe as recipe_of
 
-        if mode == "distill":
-            from tlkd.recipes.distill import distill as recipe
-        elif mode == "adapt":
-            from tlkd.recipes.adapt import adapt as recipe
-        elif mode == "pretrain":
-            from tlkd.recipes.pretrain import pretrain as recipe
-        else:
-            from tlkd.recipes.finetune import finetune as recipe
+        recipe = recipe_of(mode)
         overrides_ = list(overrides or [])
         run_dir = Path(resume).expanduser().resolve() if resume else None
         if config is not None and "=" in config and not Path(config).exists():
@@ -92,14 +86,6 @@ def _train_command(
     _guard(run)
 
 
-TRAINING_MODES = {
-    "finetune": "Fine-tune a timm model (transfer learning) as the experiment file says.",
-    "distill": "Distil one or more frozen teachers into the student the experiment file names.",
-    "adapt": "Adapt a model to an unlabelled target domain (AdaBN, pseudo-labels or DANN).",
-    "pretrain": "Self-supervised pretraining (SimCLR) of a backbone on unlabelled images.",
-}
-
-
 def _register(mode: str, help_text: str) -> None:
     """One Typer command per training mode: the same arguments, one shared runner."""
 
@@ -116,8 +102,14 @@ def _register(mode: str, help_text: str) -> None:
     app.command(name=mode)(command)
 
 
-for _mode, _help in TRAINING_MODES.items():
-    _register(_mode, _help)
+def _register_modes() -> None:
+    from tlkd.recipes.modes import MODES
+
+    for mode, help_text in MODES.items():
+        _register(mode, help_text)
+
+
+_register_modes()
 
 
 @app.command()
@@ -195,11 +187,12 @@ def compare(
 
         from tlkd.recipes.compare import compare as run_compare
         from tlkd.recipes.compare import print_tables
+        from tlkd.run.rundir import write_text
 
         result = run_compare(run_dirs)
         print_tables(result)
-        if json_out:
-            Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
+        if json_out:  # atomic, and a write error is one line
+            write_text(Path(json_out), json.dumps(result, indent=2) + "\n")
 
     _guard(run)
 

@@ -7,8 +7,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from tlkd.config import safe_yaml
 from tlkd.errors import ConfigError
 from tlkd.run.rundir import CONFIG, SUMMARY
 
@@ -20,7 +19,7 @@ def _load(run: Path) -> dict[str, Any]:
     if not (run / SUMMARY).is_file() or not (run / CONFIG).is_file():
         raise ConfigError(None, f"{run} is not a tlkd run directory (no {SUMMARY} or {CONFIG})")
     summary = json.loads((run / SUMMARY).read_text())
-    config = yaml.safe_load((run / CONFIG).read_text())
+    config = safe_yaml.safe_load((run / CONFIG).read_text())
     key = json.dumps({k: v for k, v in config.items() if k not in _IGNORED}, sort_keys=True)
     return {"run": run, "summary": summary, "seed": config.get("seed"), "group": key}
 
@@ -33,8 +32,27 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
+def over_seeds(members: list[dict[str, Any]], metric: str) -> str:
+    """Mean ± std over distinct seeds. Runs repeating a seed are averaged into that seed first:
+    a repeat is not another seed, and one seed has no seed std."""
+    per_seed: dict[str, list[float]] = {}
+    for m in members:
+        if m[metric] is not None:
+            per_seed.setdefault(json.dumps(m["seed"]), []).append(m[metric])
+    return mean_std([statistics.mean(values) for values in per_seed.values()])
+
+
+def seeds_label(group: dict[str, Any]) -> str:
+    """``"2"`` seeds, or ``"2 runs, 1 seed"`` when runs repeat a seed."""
+    seeds = group["seeds"]
+    if group["n_runs"] == seeds:
+        return str(seeds)
+    return f"{group['n_runs']} runs, {seeds} seed{'s' if seeds != 1 else ''}"
+
+
 def compare(run_dirs: list[str | Path]) -> dict[str, list[dict[str, Any]]]:
-    """Per-run rows and per-group rows (groups: identical configs but for the seed)."""
+    """Per-run rows and per-group rows (groups: identical configs but for the seed; ``seeds``
+    counts distinct seeds, ``n_runs`` the runs, which differ when a seed is repeated)."""
     runs = [_load(Path(r).expanduser().resolve()) for r in run_dirs]
     rows = [
         {
@@ -55,15 +73,15 @@ def compare(run_dirs: list[str | Path]) -> dict[str, list[dict[str, Any]]]:
         groups.setdefault(r["group"], []).append(row)
     group_rows = []
     for members in groups.values():
-        finals = [m["final_val_top1"] for m in members if m["final_val_top1"] is not None]
-        bests = [m["best_val_top1"] for m in members if m["best_val_top1"] is not None]
+        seeds = {json.dumps(m["seed"]) for m in members}
         group_rows.append(
             {
                 "runs": ", ".join(m["run"] for m in members),
-                "seeds": len(members),
+                "n_runs": len(members),
+                "seeds": len(seeds),
                 "model": members[0]["model"],
-                "final_val_top1": mean_std(finals),
-                "best_val_top1": mean_std(bests),
+                "final_val_top1": over_seeds(members, "final_val_top1"),
+                "best_val_top1": over_seeds(members, "best_val_top1"),
             }
         )
     return {"runs": rows, "groups": group_rows}
@@ -108,6 +126,6 @@ def print_tables(result: dict[str, list[dict[str, Any]]]) -> None:
         groups.add_column(col)
     for g in result["groups"]:
         groups.add_row(
-            g["runs"], str(g["seeds"]), str(g["model"]), g["final_val_top1"], g["best_val_top1"]
+            g["runs"], seeds_label(g), str(g["model"]), g["final_val_top1"], g["best_val_top1"]
         )
     console.print(groups)

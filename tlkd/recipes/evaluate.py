@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
 import statistics
 import time
 from pathlib import Path
@@ -9,6 +12,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel
 from torch import nn
 
 from tlkd.config.loader import load_config, resolved_dict
@@ -84,6 +88,42 @@ def measure_speed(
     return {"latency_ms": latency, "throughput_img_per_s": throughput}
 
 
+def overrides_slug(overrides: list[str], cfg: Any) -> str:
+    """The file-name part naming an evaluation with overrides: ``<key>-<value>`` per override
+    (the key's last part; a path's last folder), joined by ``_`` and cut at 48 characters, then
+    ``-`` and 6 hex digits of a hash of the keys and their resolved values (absolute paths), so
+    the same overrides always name the same file and different ones never collide.
+    ``data.val=other/folder`` -> ``val-folder-1a2b3c``."""
+    readable, resolved = [], []
+    for text in overrides:
+        key, _, raw = text.partition("=")
+        key = key.strip()
+        value = _lookup(cfg, key, raw)
+        resolved.append([key, str(value) if isinstance(value, Path) else value])
+        shown = value.name if isinstance(value, Path) else value
+        shown = shown if isinstance(shown, str) else json.dumps(shown, default=str)
+        readable.append(re.sub(r"[^A-Za-z0-9_.+-]+", "", f"{key.split('.')[-1]}-{shown}"))
+    digest = hashlib.sha1(json.dumps(resolved, default=str).encode()).hexdigest()[:6]
+    return f"{'_'.join(readable)[:48].strip('_.-') or 'overrides'}-{digest}"
+
+
+def _lookup(cfg: Any, key: str, raw: str) -> Any:
+    """The value ``key`` holds in the loaded config (typed, paths absolute), else its text."""
+    node = cfg
+    for part in key.split("."):
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        elif isinstance(node, dict) and part in node:
+            node = node[part]
+        elif hasattr(node, part) and not isinstance(node, (list, dict)):
+            node = getattr(node, part)
+        else:
+            return raw.strip()
+    if isinstance(node, BaseModel):
+        return node.model_dump(mode="json")
+    return node
+
+
 def evaluate(
     target: str | Path,
     overrides: list[str] | tuple[str, ...] = (),
@@ -91,9 +131,12 @@ def evaluate(
     speed: bool = True,
 ) -> dict[str, Any]:
     """Evaluate a run directory's best weights, or the model a config file names, on the val
-    data (or ``data.val=...``); writes eval.json and confusion.png and returns the results."""
+    data (or ``data.val=...``); writes eval.json and confusion.png (with overrides, into a run
+    directory: eval-<slug>.json and confusion-<slug>.png, see :func:`overrides_slug`) and
+    returns the results."""
     path = Path(target).expanduser().resolve()
     overrides = list(overrides)
+    given = list(overrides)  # the user's, recorded in the results and naming the files
     if path.is_dir():
         if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
             raise ConfigError(
@@ -164,11 +207,17 @@ def evaluate(
                 cfg.train.channels_last,
             )
         )
+    results["overrides"] = given
+    eval_name, confusion_name = EVAL, CONFUSION
     if run is None:
         run = RunDir.create(cfg.output_dir, f"{cfg.experiment}-eval")
         run.save_config(resolved_dict(cfg))
-    write_json(run.file(EVAL), results)
-    plot_confusion(results["confusion"], exp.classes, run.file(CONFUSION))
+    elif given:  # the run's own eval.json stays the plain evaluation's
+        slug = overrides_slug(given, cfg)
+        eval_name, confusion_name = f"eval-{slug}.json", f"confusion-{slug}.png"
+    results["eval_file"] = eval_name
+    write_json(run.file(eval_name), results)
+    plot_confusion(results["confusion"], exp.classes, run.file(confusion_name))
     results["run_dir"] = str(run.path)
     _print_table(results, reporter)
     return results
@@ -199,4 +248,4 @@ def _print_table(r: dict[str, Any], reporter: Reporter) -> None:
     if reporter.quiet:
         return
     reporter.console.print(table)
-    reporter.print(f"wrote {Path(r['run_dir']) / EVAL}")
+    reporter.print(f"wrote {Path(r['run_dir']) / r['eval_file']}")

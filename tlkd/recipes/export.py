@@ -3,8 +3,10 @@ the exported file on a batch and comparing its outputs with PyTorch's."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,7 @@ import torch
 from tlkd.config.loader import load_config
 from tlkd.errors import ConfigError, TlkdError
 from tlkd.models.factory import build_model
-from tlkd.run.rundir import CONFIG, SUMMARY, WEIGHTS, write_json
+from tlkd.run.rundir import CONFIG, SUMMARY, WEIGHTS, write_error, write_json
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
 
@@ -43,10 +45,13 @@ def export(
     check = torch.randn(5, 3, size, size)  # another batch size: the batch axis is dynamic
     with torch.inference_mode():
         expected = model(check)
-    if fmt == "onnx":
-        got = _onnx(model, example, check, out)
-    else:
-        got = _torchscript(model, example, check, out)
+    try:
+        if fmt == "onnx":
+            got = _onnx(model, example, check, out)
+        else:
+            got = _torchscript(model, example, check, out)
+    except OSError as err:  # a full disk, a folder that cannot be written: one line
+        raise write_error(out, err) from None
     diff = None if got is None else (got - expected).abs().max().item()
     report = {
         "format": fmt,
@@ -70,16 +75,17 @@ def _onnx(model, example, check, out: Path) -> torch.Tensor | None:
             "ONNX export needs onnx and onnxscript: pip install 'tlkd[export]'"
         ) from None
     batch = torch.export.Dim("batch", min=1, max=4096)
-    program = torch.onnx.export(
-        model,
-        (example,),
-        dynamo=True,
-        input_names=["images"],
-        output_names=["logits"],
-        dynamic_shapes=({0: batch},),
-        verbose=False,
-    )
-    program.save(str(out))
+    with quiet_torch_deprecations():
+        program = torch.onnx.export(
+            model,
+            (example,),
+            dynamo=True,
+            input_names=["images"],
+            output_names=["logits"],
+            dynamic_shapes=({0: batch},),
+            verbose=False,
+        )
+        program.save(str(out))
     try:
         import onnxruntime as ort
     except ImportError:
@@ -88,11 +94,26 @@ def _onnx(model, example, check, out: Path) -> torch.Tensor | None:
     return torch.from_numpy(session.run(None, {"images": check.numpy()})[0])
 
 
+# torch's notices that an exporter is deprecated: "`torch.jit.trace` is deprecated. ..."
+_TORCH_DEPRECATION = r"[`'\"]?torch\.(jit|onnx|export)\b.*(deprecated|will be removed)"
+
+
+@contextlib.contextmanager
+def quiet_torch_deprecations() -> Iterator[None]:
+    """Hide torch's own deprecation notices about the exporters it runs (``torch.jit.trace``
+    is deprecated ...): TorchScript is still a valid deployment format, and the notice says
+    nothing the user can act on. Other warnings still show."""
+    with warnings.catch_warnings():
+        for category in (FutureWarning, DeprecationWarning):
+            warnings.filterwarnings("ignore", message=_TORCH_DEPRECATION, category=category)
+        yield
+
+
 def _torchscript(model, example, check, out: Path) -> torch.Tensor:
-    with torch.inference_mode(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.jit's deprecation notice: still a valid format
-        traced = torch.jit.trace(model, example)
-    traced.save(str(out))
-    loaded = torch.jit.load(str(out))
-    with torch.inference_mode():
-        return loaded(check)
+    with quiet_torch_deprecations():
+        with torch.inference_mode():
+            traced = torch.jit.trace(model, example)
+        traced.save(str(out))
+        loaded = torch.jit.load(str(out))
+        with torch.inference_mode():
+            return loaded(check)

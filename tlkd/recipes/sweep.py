@@ -8,21 +8,25 @@ by a crash completes by running it again.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import itertools
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from tlkd.config import safe_yaml
 from tlkd.config.loader import load_config
 from tlkd.config.schema import Config
 from tlkd.engine.progress import Reporter
 from tlkd.errors import ConfigError, TlkdError
 from tlkd.recipes.compare import mean_std
+from tlkd.recipes.modes import mode_of, recipe
 from tlkd.run.rundir import SUMMARY, write_json, write_text
 
 
@@ -45,7 +49,7 @@ def parse_grid(items: list[str]) -> dict[str, list[Any]]:
                 current += ch
         parts.append(current)
         try:
-            grid[key] = [yaml.safe_load(p) for p in parts]
+            grid[key] = [safe_yaml.safe_load(p) for p in parts]
         except yaml.YAMLError:
             raise ConfigError("--grid", f"cannot read the values of {key}: {values!r}") from None
     return grid
@@ -72,10 +76,9 @@ def sweep(
     overrides: list[str],
     reporter: Reporter | None = None,
 ) -> list[dict[str, Any]]:
-    """Run (or complete) the sweep and return its rows."""
-    from tlkd.recipes.distill import distill
-    from tlkd.recipes.finetune import finetune
-
+    """Run (or complete) the sweep and return its rows. Every combination is checked first
+    (its config, then a quiet dry run of each one still to run): a bad one stops the sweep
+    before anything runs or any folder is written."""
     base = load_config(config, overrides)
     grid = {**(base.sweep.grid if base.sweep else {}), **parse_grid(grid_items)}
     if not grid:
@@ -88,10 +91,19 @@ def sweep(
         name = _run_name(combo)
         extra = [_override(k, v) for k, v in combo.items()]
         extra += [f"output_dir={root}", f"experiment={name}", "sweep=null"]
-        plans.append((name, combo, load_config(config, [*overrides, *extra])))
+        with _naming(name, combo):
+            plans.append((name, combo, load_config(config, [*overrides, *extra])))
     if len({name for name, _, _ in plans}) != len(plans):
         raise ConfigError("--grid", "two combinations give the same run name; vary the values")
     reporter = reporter or Reporter(base.train.log_every)
+    todo = [(name, combo, cfg) for name, combo, cfg in plans if _status(root / name) != "finished"]
+    if todo:
+        reporter.print(f"checking {len(todo)} of {len(plans)} sweep runs (dry runs) first")
+    for name, combo, cfg in todo:
+        with _naming(name, combo):  # the checks a dry run makes, on a copy, silently
+            recipe(mode_of(cfg))(
+                cfg.model_copy(deep=True), dry_run=True, reporter=Reporter(quiet=True)
+            )
     root.mkdir(parents=True, exist_ok=True)
     write_text(
         root / "sweep.yaml",
@@ -104,14 +116,14 @@ def sweep(
     for i, (name, combo, cfg) in enumerate(plans, start=1):
         run_dir = root / name
         status = _status(run_dir)
-        recipe = distill if cfg.teacher_list else finetune
+        run_recipe = recipe(mode_of(cfg))
         reporter.print(f"[{i}/{len(plans)}] {name}: {status or 'new'}")
         if status != "finished":
             try:
                 resume = run_dir if (run_dir / "checkpoint.pt").exists() else None
                 if run_dir.exists() and resume is None:  # died before its first checkpoint
                     _set_aside(run_dir)
-                recipe(cfg, reporter=reporter, resume=resume)
+                run_recipe(cfg, reporter=reporter, resume=resume)
             except TlkdError as err:
                 failed += 1
                 reporter.print(f"[{i}/{len(plans)}] {name} failed: {err}")
@@ -122,6 +134,21 @@ def sweep(
     if failed:
         raise TlkdError(f"{failed} of {len(plans)} sweep runs failed; run the sweep again to retry")
     return rows
+
+
+@contextlib.contextmanager
+def _naming(name: str, combo: dict[str, Any]) -> Iterator[None]:
+    """A failure while checking one combination names it: ``sweep run NAME (k=v, ...): ...``."""
+    try:
+        yield
+    except TlkdError as err:
+        shown = ", ".join(_override(k, v) for k, v in combo.items())
+        message = f"sweep run {name} ({shown}): {err}"
+        if isinstance(err, ConfigError):  # exit 2: the combination cannot run as written
+            raise ConfigError(None, message) from None
+        wrapped = TlkdError(message)
+        wrapped.exit_code = err.exit_code
+        raise wrapped from None
 
 
 def _status(run_dir: Path) -> str | None:
