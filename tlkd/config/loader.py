@@ -7,6 +7,7 @@ calls code named by a config.
 from __future__ import annotations
 
 import copy
+import functools
 import types
 import typing
 from pathlib import Path
@@ -15,8 +16,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from tlkd.config import safe_yaml
 from tlkd.config.schema import Config
-from tlkd.config.suggest import did_you_mean
+from tlkd.config.suggest import did_you_mean, did_you_mean_path
 from tlkd.errors import ConfigError
 
 MAX_BASE_DEPTH = 16
@@ -57,7 +59,7 @@ def read_yaml(path: Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
         where = f" (named by base: in {_chain[-1]})" if _chain else ""
         raise ConfigError(None, f"config file not found: {path}{where}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = safe_yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
@@ -97,7 +99,7 @@ def apply_override(raw: dict[str, Any], text: str) -> None:
     if not sep or not key or any(not p for p in key.split(".")):
         raise ConfigError(None, f"override {text!r} is not of the form key.path=value")
     try:
-        value = yaml.safe_load(value_text) if value_text.strip() else None
+        value = safe_yaml.safe_load(value_text) if value_text.strip() else None
     except yaml.YAMLError:
         value = value_text
     parts = key.split(".")
@@ -140,9 +142,16 @@ def _absolute_paths(cfg: Config) -> Config:
         cfg.adapt.source_val = cfg.adapt.source_val.expanduser().resolve()
     if data.cache_dir is not None:
         data.cache_dir = data.cache_dir.expanduser().resolve()
-    if isinstance(cfg.model.pretrained, str):
-        cfg.model.pretrained = str(Path(cfg.model.pretrained).expanduser().resolve())
+    if isinstance(cfg.model.pretrained, str) and cfg.model.pretrained != "auto":
+        cfg.model.pretrained = _absolute(cfg.model.pretrained)
+    for teacher in cfg.teacher_list:  # teacher: or teachers: (the same objects)
+        if isinstance(teacher.pretrained, str):  # true/false stay booleans
+            teacher.pretrained = _absolute(teacher.pretrained)
     return cfg
+
+
+def _absolute(path: str) -> str:
+    return str(Path(path).expanduser().resolve())
 
 
 def _to_config_error(err: ValidationError) -> ConfigError:
@@ -151,7 +160,7 @@ def _to_config_error(err: ValidationError) -> ConfigError:
         *parent, name = first["loc"]
         parent = [p for p in parent if not _is_union_tag(p)]
         key = ".".join(str(p) for p in [*parent, name])
-        hint = did_you_mean(str(name), _fields_at(parent))
+        hint = _unknown_key_hint(parent, str(name))
         return ConfigError(None, f"unknown key '{key}'{hint}")
     loc = [p for p in first["loc"] if not _is_union_tag(p)]
     key = ".".join(str(p) for p in loc)
@@ -185,6 +194,47 @@ def _fields_at(loc: list[Any]) -> list[str]:
         field = model.model_fields.get(str(part))
         model = _model_in(field.annotation) if field is not None else None
     return list(model.model_fields) if model is not None else []
+
+
+def _unknown_key_hint(parent: list[Any], name: str) -> str:
+    """Did-you-mean for an unknown key: the same key one level further down its own section
+    (``train.warmup_epochs`` -> ``train.scheduler.warmup_epochs``), else the closest sibling
+    (``train.epoch`` -> ``epochs``), else the closest key anywhere (``train.lr`` ->
+    ``train.optimizer.lr``)."""
+    section = ".".join(str(p) for p in parent if not isinstance(p, int))
+    dotted = f"{section}.{name}" if section else name
+    below = [p for p in schema_paths() if p.startswith(f"{section}.")] if section else []
+    return (
+        did_you_mean_path(dotted, below, exact=True)
+        or did_you_mean(name, _fields_at(parent))
+        or did_you_mean_path(dotted, schema_paths())
+    )
+
+
+@functools.cache
+def schema_paths() -> tuple[str, ...]:
+    """Every dotted key path of the schema (``train.optimizer.lr``; items of a list of
+    sections as ``N``: ``teachers.N.pretrained``), sections included."""
+    out: list[str] = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            path = f"{prefix}{name}"
+            out.append(path)
+            sub = _model_in(field.annotation)
+            if sub is not None:
+                walk(sub, f"{path}.N." if _is_list_of_sections(field.annotation) else f"{path}.")
+
+    walk(Config, "")
+    return tuple(out)
+
+
+def _is_list_of_sections(annotation: Any) -> bool:
+    if typing.get_origin(annotation) is list:
+        return True
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return any(_is_list_of_sections(arg) for arg in typing.get_args(annotation))
+    return False
 
 
 def _model_in(annotation: Any) -> type[BaseModel] | None:

@@ -49,8 +49,10 @@ class ModelConfig(Section):
     """Which timm model to build, where its weights come from, and what trains."""
 
     name: str = "resnet18"
-    # true: timm's hub weights; false: random init; a string: weights file or tlkd run dir.
-    pretrained: bool | str = False
+    # auto: timm's hub weights when they can be had (cache or network), else random weights
+    # with a warning; true: hub weights or an error; false: random init; a string: weights
+    # file or tlkd run dir.
+    pretrained: bool | str = "auto"
     num_classes: NonNegativeInt | None = None  # default: the data's class count; 0: none (pretrain)
     freeze: Literal["none", "backbone"] | list[str] = "none"
     freeze_bn_stats: bool = True  # BatchNorm layers inside frozen modules keep their statistics
@@ -66,7 +68,7 @@ class ModelConfig(Section):
         if isinstance(v, bool) or (isinstance(v, str) and v.strip()):
             return v
         raise ValueError(
-            f"expected true, false, or a path to weights or a run directory, got {v!r}"
+            f"expected auto, true, false, or a path to weights or a run directory, got {v!r}"
         )
 
     @field_validator("freeze", mode="before")
@@ -87,8 +89,11 @@ class ModelConfig(Section):
 
 
 class AugmentConfig(Section):
-    """Training augmentation, passed to timm.data.create_transform."""
+    """Training augmentation, passed to timm.data.create_transform. ``policy`` fills every key
+    left out (tlkd/data/defaults.py: ``auto`` picks none, light or strong from the data and
+    the run); keys set explicitly win. The defaults below are the ``strong`` policy's."""
 
+    policy: Literal["auto", "none", "light", "strong"] = "auto"
     crop_mode: Literal["rrc", "rkrc", "rkrr"] = "rrc"  # timm's train_crop_mode
     scale: tuple[PositiveFloat, PositiveFloat] = (0.08, 1.0)
     ratio: tuple[PositiveFloat, PositiveFloat] = (3 / 4, 4 / 3)
@@ -176,7 +181,9 @@ class OptimizerConfig(Section):
 
     name: str = "adamw"
     lr: PositiveFloat = 1e-3
-    weight_decay: NonNegativeFloat = 0.05
+    # default by optimizer family: 0.05 for decoupled (Adam-like: adamw, lamb, lion, ...),
+    # 5e-4 for decay added to the gradient (sgd, momentum, adam, rmsprop, ...)
+    weight_decay: NonNegativeFloat | None = None
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     layer_decay: float | None = Field(None, gt=0.0, le=1.0)  # layer-wise LR decay
 
@@ -235,6 +242,8 @@ class TeacherConfig(Section):
     @field_validator("pretrained", mode="before")
     @classmethod
     def _pretrained(cls, v: Any) -> Any:
+        if v == "auto":
+            raise ValueError("a teacher needs its weights: true (timm's hub) or a path")
         return ModelConfig._pretrained(v)
 
 
@@ -246,7 +255,7 @@ class LossConfig(Section):
 
     type: Literal["kd", "hard", "ce", "fitnet", "at", "dkd", "dist"]
     weight: NonNegativeFloat = 1.0
-    teacher: NonNegativeInt | None = None  # which teacher; default: all, averaged (logit losses)
+    teacher: NonNegativeInt | None = None  # which teacher; default: all, softmax averaged (logits)
     # type-specific settings: None where they do not apply; the defaults below fill the rest
     temperature: PositiveFloat | None = None  # kd, dkd: 4; dist: 1
     label_smoothing: float | None = Field(None, ge=0.0, lt=1.0)  # ce: 0
@@ -254,7 +263,11 @@ class LossConfig(Section):
     beta: NonNegativeFloat | None = None  # dkd: non-target term, 8; dist: inter-class, 1
     gamma: NonNegativeFloat | None = None  # dist: intra-class term, 1
     p: PositiveFloat | None = None  # at: power of the attention map, 2
-    student_layers: list[LayerSpec] | None = None  # fitnet, at: default the last 3 stages
+    # dkd: the loss ramps up linearly, x min(epoch / warmup_epochs, 1) (epochs count from 1),
+    # 20 as mdistiller; 0: no ramp
+    warmup_epochs: NonNegativeInt | None = None
+    # at: default the last 3 stages (summed); fitnet: stage 2, RepDistiller's hint layer
+    student_layers: list[LayerSpec] | None = None
     teacher_layers: list[LayerSpec] | None = None
 
     _DEFAULTS: ClassVar[dict[str, dict[str, Any]]] = {
@@ -263,7 +276,7 @@ class LossConfig(Section):
         "ce": {"label_smoothing": 0.0},
         "fitnet": {"student_layers": None, "teacher_layers": None},
         "at": {"p": 2.0, "student_layers": None, "teacher_layers": None},
-        "dkd": {"temperature": 4.0, "alpha": 1.0, "beta": 8.0},
+        "dkd": {"temperature": 4.0, "alpha": 1.0, "beta": 8.0, "warmup_epochs": 20},
         "dist": {"temperature": 1.0, "beta": 1.0, "gamma": 1.0},
     }
     _SPECIFIC: ClassVar[tuple[str, ...]] = (
@@ -273,6 +286,7 @@ class LossConfig(Section):
         "beta",
         "gamma",
         "p",
+        "warmup_epochs",
         "student_layers",
         "teacher_layers",
     )
@@ -332,9 +346,10 @@ class AdaptConfig(Section):
     threshold: float = Field(0.95, gt=0.0, le=1.0)  # pseudo_label: confidence to keep a label
     warmup_epochs: NonNegativeInt = 0  # pseudo_label, dann: source-only epochs first
     hidden: PositiveInt = 256  # dann: width of the domain discriminator
-    # pseudo_label, dann: BatchNorm per domain in training, re-estimated on the target before
-    # every validation (false: source and target share one batch's statistics)
-    target_bn: bool = True
+    # pseudo_label, dann: false (default, the papers' method, e.g. plain DANN): source and
+    # target images share one batch and its BatchNorm statistics; true: the per-domain-BN
+    # variant, BatchNorm per domain in training, re-estimated on the target before validation
+    target_bn: bool = False
     source_val: Path | None = None  # a labelled source-domain val folder, scored every epoch
 
 
@@ -342,7 +357,9 @@ class PretrainConfig(Section):
     """Self-supervised pretraining (``tlkd pretrain``) on ``data.unlabeled``."""
 
     method: Literal["simclr"] = "simclr"
-    temperature: PositiveFloat = 0.2  # of the NT-Xent loss
+    # of the NT-Xent loss, which is SimCLR's code's: both directions summed (a->b + b->a),
+    # negatives gathered from every process under torchrun
+    temperature: PositiveFloat = 0.2
     proj_dim: PositiveInt = 128  # projection head output
     proj_hidden: PositiveInt = 512
     knn_k: PositiveInt = 20  # the k-NN monitor on the labelled data.val (leave-one-out)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import platform
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,16 +14,20 @@ import timm
 import torch
 import torchvision
 import yaml
+from timm.data import resolve_model_data_config
 from timm.optim import create_optimizer_v2, list_optimizers
 from timm.scheduler import create_scheduler_v2
 from torch import nn
 
 import tlkd
+from tlkd.config import safe_yaml
 from tlkd.config.loader import resolved_dict
 from tlkd.config.schema import Config
 from tlkd.config.suggest import did_you_mean
-from tlkd.data.datasets import Splits, build_splits
-from tlkd.data.memory import default_cache_dir
+from tlkd.data import defaults
+from tlkd.data.catalog import SMALL_IMAGE_DATASETS
+from tlkd.data.datasets import LabeledImages, Splits, build_splits
+from tlkd.data.memory import usable_cache_dir
 from tlkd.data.pipeline import Loaders, build_loaders, resolve_input
 from tlkd.engine import distributed, tune
 from tlkd.engine.device import autocast_dtype, resolve_device, seed_everything
@@ -33,7 +37,8 @@ from tlkd.engine.trainer import FitResult, Trainer
 from tlkd.errors import ConfigError
 from tlkd.models.factory import WeightsReport, build_model, count_params
 from tlkd.models.freeze import Freezer
-from tlkd.run.rundir import CONFIG, SUMMARY, RunDir, write_json
+from tlkd.recipes.modes import mode_of
+from tlkd.run.rundir import CONFIG, SUMMARY, RunDir, check_output_dir, write_json
 
 
 @dataclass
@@ -48,6 +53,8 @@ class Experiment:
     device: torch.device
     dtype: torch.dtype | None
     model_cfg: dict  # timm's data config of the model (mean, std, ...)
+    # defaults chosen from the data and the run: key -> why (plan lines, summary.json)
+    choices: dict[str, str] = field(default_factory=dict)
 
     @property
     def classes(self) -> list[str]:
@@ -68,6 +75,11 @@ def build_experiment(
     back into ``cfg``; a resumed run keeps the values its first start chose. A dry run measures
     nothing: ``auto`` settings stay ``auto`` unless a measurement is remembered."""
     log = log or _log
+    if for_training:  # before building anything: a run that could not save is no run
+        if resume is not None:
+            check_output_dir(resume, "--resume", write=not dry_run)
+        else:
+            check_output_dir(cfg.output_dir, write=not dry_run)
     seed_everything(cfg.seed, cfg.train.deterministic)
     if for_training:
         _check_optimizer(cfg)
@@ -88,14 +100,83 @@ def build_experiment(
     else:  # a backbone alone (pretrain): features out, no classifier
         cfg.model.num_classes = 0
         model, weights = build_model(cfg.model, 0, None)
+    choices: dict[str, str] = {}
+    if for_training:
+        _resolve_weight_decay(cfg, choices)
+    if cfg.data.image_size is None:
+        cfg.data.image_size, choices["image_size"] = _default_image_size(cfg, splits, model)
     model_cfg = resolve_input(cfg.data, model)
+    if for_training:
+        _resolve_augment(cfg, splits, weights, resume, choices)
     model.to(device)
     _resolve_knobs(cfg, model, model_cfg, device, for_training, log, resume, dry_run)
     dtype = autocast_dtype(cfg.train.precision, device)
     if cfg.train.channels_last is True:
         model.to(memory_format=torch.channels_last)
     loaders = build_loaders(cfg, splits, model_cfg, device, log)
-    return Experiment(cfg, splits, model, weights, loaders, device, dtype, model_cfg)
+    return Experiment(cfg, splits, model, weights, loaders, device, dtype, model_cfg, choices)
+
+
+def _resolve_weight_decay(cfg: Config, choices: dict[str, str]) -> None:
+    opt = cfg.train.optimizer
+    if opt.weight_decay is None:
+        opt.weight_decay, why = defaults.default_weight_decay(opt.name)
+        choices["weight_decay"] = f"{opt.weight_decay:g} ({why})"
+
+
+def _native_size(ds: LabeledImages, seed: int) -> int | None:
+    """The training images' median shorter side, from up to 64 of them."""
+    n = len(ds)
+    if n == 0:
+        return None
+    paths = [ds.path(i) for i in range(n)] if ds.path(0) is not None else None
+    if paths is not None:
+        return defaults.median_size(defaults.sample_sizes(paths, seed=seed))
+    picks = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:16].tolist()
+    return defaults.median_size([ds[i][0].size for i in picks])
+
+
+def _default_image_size(cfg: Config, splits: Splits, model: nn.Module) -> tuple[int, str]:
+    if cfg.data.dataset in SMALL_IMAGE_DATASETS:
+        return 32, f"{cfg.data.dataset}: a dataset of tiny images"
+    patch = getattr(model, "patch_embed", None)
+    fixed_size = (
+        getattr(patch, "img_size", None) if getattr(patch, "strict_img_size", False) else None
+    )
+    if fixed_size is not None:
+        size = int(fixed_size[-1] if isinstance(fixed_size, (tuple, list)) else fixed_size)
+        return defaults.choose_image_size(None, size, fixed=True)
+    model_size = int(resolve_model_data_config(model)["input_size"][-1])
+    fixed = bool(getattr(model, "pretrained_cfg", {}).get("fixed_input_size", False))
+    native = _native_size(splits.train, subset_seed(cfg))
+    if native is not None and native <= model_size and not fixed and cfg.data.crop_pct is None:
+        # the images are used at their own size: the eval view keeps all of it, as training's
+        cfg.data.crop_pct = 1.0
+    return defaults.choose_image_size(native, model_size, fixed)
+
+
+def _resolve_augment(cfg, splits, weights, resume, choices) -> None:
+    """``data.augment``'s policy applied (a resumed run keeps what its first start chose)."""
+    aug = cfg.data.augment
+    if resume is not None and aug.policy == "auto" and (resume / CONFIG).is_file():
+        saved = (safe_yaml.safe_load((resume / CONFIG).read_text()) or {}).get("data", {})
+        if isinstance(saved.get("augment"), dict):
+            cfg.data.augment = type(aug).model_validate(saved["augment"])
+            choices["augment"] = f"{cfg.data.augment.policy} (as the run's first start chose)"
+            return
+    native = None
+    if cfg.data.dataset not in SMALL_IMAGE_DATASETS:
+        native = _native_size(splits.train, subset_seed(cfg)) if len(splits.train) else None
+    facts = defaults.RunFacts(
+        image_px=native or (32 if cfg.data.dataset in SMALL_IMAGE_DATASETS else None),
+        train_images=len(splits.train),
+        epochs=cfg.train.epochs,
+        pretrained=weights.loaded > 0,
+        mode=mode_of(cfg),
+        dataset=cfg.data.dataset or "folder",
+    )
+    cfg.data.augment, why = defaults.resolve_augment(aug, facts)
+    choices["augment"] = f"{cfg.data.augment.policy} ({why})"
 
 
 def subset_seed(cfg: Config) -> int:
@@ -106,7 +187,7 @@ def subset_seed(cfg: Config) -> int:
 def _resolve_knobs(cfg, model, model_cfg, device, for_training, log, resume, dry_run) -> None:
     t = cfg.train
     if resume is not None and (resume / CONFIG).is_file():  # what the first start chose
-        saved = (yaml.safe_load((resume / CONFIG).read_text()) or {}).get("train", {})
+        saved = (safe_yaml.safe_load((resume / CONFIG).read_text()) or {}).get("train", {})
         if t.precision == "auto" and saved.get("precision") not in (None, "auto"):
             t.precision = saved["precision"]
         if t.channels_last == "auto" and isinstance(saved.get("channels_last"), bool):
@@ -115,7 +196,7 @@ def _resolve_knobs(cfg, model, model_cfg, device, for_training, log, resume, dry
     shape = (batch, int(model_cfg["input_size"][0]), cfg.data.image_size, cfg.data.image_size)
     t.precision, t.channels_last = tune.choose(
         t.precision, t.channels_last, model, device, shape, for_training, log,
-        cfg.data.cache_dir or default_cache_dir(), measure=not dry_run,
+        usable_cache_dir(cfg.data.cache_dir), measure=not dry_run,
     )  # fmt: skip
 
 
@@ -210,25 +291,30 @@ def plan_lines(exp: Experiment, steps_per_epoch: int, mode: str) -> list[str]:
         f", unfreeze after epoch {cfg.model.unfreeze_after}" if cfg.model.unfreeze_after else ""
     )
     t = cfg.train
-    return [
-        f"mode        {mode}",
-        f"model       {cfg.model.name}  weights: {exp.weights.source}  head: {head} "
-        f"({exp.weights.head}), {len(exp.classes)} classes",
-        f"parameters  {total:,} total, {trainable:,} trainable, {total - trainable:,} frozen "
-        f"(freeze: {freeze}{unfreeze})",
-        f"data        {cfg.data.dataset}: {len(splits.train):,} train images, "
-        f"{len(splits.val):,} val images ({splits.val_source}), {cfg.data.image_size}px, "
-        f"{exp.loaders.note}",
-        f"schedule    {t.epochs} epochs x {steps_per_epoch} steps (batch {t.batch_size}"
-        f"{f', accumulate {t.accum_steps}' if t.accum_steps > 1 else ''}) = "
-        f"{t.epochs * steps_per_epoch:,} steps; {t.optimizer.name} lr {t.optimizer.lr:g}, "
-        f"scheduler {t.scheduler.name}",
-        f"device      {exp.device}, precision {_shown_precision(cfg, exp)}, "
-        f"channels_last {str(t.channels_last).lower()}",
-    ] + (
-        [f"skipped     {len(splits.bad_images)} unreadable images, e.g. {splits.bad_images[0]}"]
-        if splits.bad_images
-        else []
+    return (
+        [
+            f"mode        {mode}",
+            f"model       {cfg.model.name}  weights: {exp.weights.source}  head: {head} "
+            f"({exp.weights.head}), {len(exp.classes)} classes",
+            f"parameters  {total:,} total, {trainable:,} trainable, {total - trainable:,} frozen "
+            f"(freeze: {freeze}{unfreeze})",
+            f"data        {cfg.data.dataset}: {len(splits.train):,} train images, "
+            f"{len(splits.val):,} val images ({splits.val_source}), {cfg.data.image_size}px, "
+            f"{exp.loaders.note}",
+            f"schedule    {t.epochs} epochs x {steps_per_epoch} steps (batch {t.batch_size}"
+            f"{f', accumulate {t.accum_steps}' if t.accum_steps > 1 else ''}) = "
+            f"{t.epochs * steps_per_epoch:,} steps; {t.optimizer.name} lr {t.optimizer.lr:g}, "
+            f"scheduler {t.scheduler.name}",
+            f"device      {exp.device}, precision {_shown_precision(cfg, exp)}, "
+            f"channels_last {str(t.channels_last).lower()}",
+        ]
+        + [f"{'default':<11} {key}: {why}" for key, why in exp.choices.items()]
+        + ([f"warning     {exp.weights.warning}"] if exp.weights.warning else [])
+        + (
+            [f"skipped     {len(splits.bad_images)} unreadable images, e.g. {splits.bad_images[0]}"]
+            if splits.bad_images
+            else []
+        )
     )
 
 
@@ -274,6 +360,9 @@ def write_summary(
         "device": str(exp.device),
         "precision": str(exp.dtype or "fp32").replace("torch.", ""),
         "weights_source": exp.weights.source,
+        "weights": "pretrained" if exp.weights.loaded else "random",
+        "weights_warning": exp.weights.warning,
+        "defaults_chosen": exp.choices,
         "versions": versions(),
     }
     summary.update(extra or {})
@@ -373,7 +462,7 @@ def check_resumable(run: RunDir, cfg: Config) -> None:
     saved_file = run.file(CONFIG)
     if not saved_file.is_file():
         raise ConfigError("--resume", f"{run.path} is not a tlkd run directory (no {CONFIG})")
-    saved = _flatten(yaml.safe_load(saved_file.read_text()))
+    saved = _flatten(safe_yaml.safe_load(saved_file.read_text()))
     now = _flatten(resolved_dict(cfg))
     ignored = {"train.epochs", "output_dir", "experiment", "data.cache_dir"}
     differ = sorted(

@@ -1,0 +1,179 @@
+"""Defaults chosen from the data and the run: augmentation policy, input size, weight decay,
+and ``model.pretrained: auto`` (fast and quiet offline, cached weights used)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import MODEL, small_config, write_images
+
+from tlkd.config.loader import load_config
+from tlkd.config.schema import AugmentConfig, ModelConfig
+from tlkd.data.defaults import (
+    POLICIES,
+    RunFacts,
+    choose_image_size,
+    choose_policy,
+    default_weight_decay,
+    resolve_augment,
+)
+from tlkd.errors import TlkdError
+from tlkd.models import factory
+
+
+def facts(**kw) -> RunFacts:
+    base = dict(
+        image_px=32, train_images=5000, epochs=10, pretrained=False, mode="finetune",
+        dataset="folder",
+    )  # fmt: skip
+    base.update(kw)
+    return RunFacts(**base)
+
+
+def test_policy_rule():
+    assert choose_policy(facts(epochs=4))[0] == "none"  # the issue's 4-epoch case
+    assert choose_policy(facts(epochs=4, pretrained=True))[0] == "light"
+    assert choose_policy(facts(epochs=2, pretrained=True))[0] == "none"
+    assert choose_policy(facts(epochs=10))[0] == "light"
+    big = facts(image_px=224, train_images=50_000, epochs=100)
+    assert choose_policy(big)[0] == "strong"
+    assert choose_policy(facts(image_px=32, train_images=50_000, epochs=100))[0] == "light"
+    assert choose_policy(facts(mode="pretrain", epochs=2))[0] == "strong"
+
+
+def test_explicit_keys_win_and_digits_are_not_flipped():
+    aug = AugmentConfig.model_validate({"hflip": 0.25, "color_jitter": 0.1})
+    out, why = resolve_augment(aug, facts(epochs=10))
+    assert out.policy == "light" and out.crop_mode == "rkrr" and out.scale == (0.7, 1.0)
+    assert out.hflip == 0.25 and out.color_jitter == 0.1
+    assert "set by you: color_jitter, hflip" in why
+    out, _ = resolve_augment(AugmentConfig(), facts(dataset="digits"))
+    assert out.hflip == 0.0
+    out, why = resolve_augment(AugmentConfig(policy="strong"), facts(epochs=1))
+    assert out.model_dump(exclude={"policy"}) == AugmentConfig(**POLICIES["strong"]).model_dump(
+        exclude={"policy"}
+    )
+    assert why == "set by data.augment.policy"
+
+
+def test_image_size_rule():
+    assert choose_image_size(28, 224, fixed=False)[0] == 32
+    assert choose_image_size(96, 224, fixed=False)[0] == 96
+    assert choose_image_size(500, 224, fixed=False)[0] == 224
+    assert choose_image_size(28, 224, fixed=True)[0] == 224
+    assert choose_image_size(None, 160, fixed=False)[0] == 160
+
+
+def test_weight_decay_by_family():
+    assert default_weight_decay("sgd")[0] == 5e-4
+    assert default_weight_decay("momentum")[0] == 5e-4
+    assert default_weight_decay("adam")[0] == 5e-4  # coupled L2, like SGD's
+    assert default_weight_decay("adamw")[0] == 0.05
+    assert default_weight_decay("lamb")[0] == 0.05
+
+
+def _plan_config(tmp_path: Path, train_dir: Path, val_dir: Path, **over) -> dict:
+    """A config that leaves the defaults under test unset."""
+    cfg = small_config(tmp_path, train_dir, val_dir, **over)
+    del cfg["data"]["image_size"], cfg["data"]["crop_pct"], cfg["data"]["augment"]
+    del cfg["train"]["optimizer"]["weight_decay"]
+    return cfg
+
+
+def test_dry_run_plan_and_saved_config_record_the_choices(tmp_path, write_config, cli):
+    train = write_images(tmp_path / "train", per_class=6, size=24, seed=1)
+    val = write_images(tmp_path / "val", per_class=2, size=24, seed=2)
+    cfg = _plan_config(tmp_path, train, val, train={"optimizer": {"name": "sgd"}, "epochs": 5})
+    path = write_config(cfg)
+    result = cli("finetune", path, "--dry-run")
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "default     image_size: images of median 24px, raised to the minimum 32px" in out
+    assert "default     augment: light (auto: 5 epochs on 18 images of 24px" in out
+    assert "default     weight_decay: 0.0005 (sgd" in out
+    result = cli("finetune", path, "train.epochs=1")
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "runs" / "tiny"
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["data"]["image_size"] == 32 and saved["data"]["crop_pct"] == 1.0
+    assert saved["data"]["augment"]["policy"] == "none"
+    assert saved["data"]["augment"]["scale"] == [1.0, 1.0]
+    assert saved["train"]["optimizer"]["weight_decay"] == 5e-4
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["defaults_chosen"]["augment"].startswith("none (auto: 1 epochs")
+    assert summary["weights"] == "random"
+    # the saved config reruns as it ran: every default it chose is now explicit
+    again = load_config(run / "config.yaml")
+    assert again.data.augment.policy == "none" and again.data.image_size == 32
+
+
+def test_resume_keeps_the_first_augmentation(tmp_path, write_config, cli):
+    """Resuming with more epochs would change auto's choice (none -> light); the run keeps
+    what its first start used, so the resume is of the same experiment."""
+    train = write_images(tmp_path / "train", per_class=6, seed=1)
+    val = write_images(tmp_path / "val", per_class=2, seed=2)
+    cfg = small_config(tmp_path, train, val, train={"epochs": 1})
+    del cfg["data"]["augment"]
+    path = write_config(cfg)
+    assert cli("finetune", path).exit_code == 0
+    run = tmp_path / "runs" / "tiny"
+    result = cli("finetune", path, "--resume", run, "train.epochs=6")
+    assert result.exit_code == 0, result.output
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["data"]["augment"]["policy"] == "none"
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 6
+
+
+def test_pretrained_auto_offline_falls_back_quickly_with_a_warning():
+    start = time.perf_counter()
+    model, report = factory.build_model(ModelConfig(name=MODEL), 3, None)
+    assert time.perf_counter() - start < 5
+    assert report.source.startswith("random (auto") and report.loaded == 0
+    assert "no pretrained weights" in report.warning and MODEL in report.warning
+    # the same random start as pretrained: false with the same seed
+    torch.manual_seed(0)
+    a, _ = factory.build_model(ModelConfig(name=MODEL), 3, None)
+    torch.manual_seed(0)
+    b, _ = factory.build_model(ModelConfig(name=MODEL, pretrained=False), 3, None)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_pretrained_true_offline_fails_fast():
+    start = time.perf_counter()
+    with pytest.raises(TlkdError, match="not cached and the Hub is unreachable"):
+        factory.build_model(ModelConfig(name=MODEL, pretrained=True), 3, None)
+    assert time.perf_counter() - start < 5
+
+
+def test_pretrained_auto_uses_cached_weights_offline(tmp_path, monkeypatch):
+    """Weights in the Hugging Face cache load with no network (the tests run offline)."""
+    import huggingface_hub.constants as hub
+    import timm
+    from safetensors.torch import save_file
+
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    state = {k: v + 0.5 if v.is_floating_point() else v
+             for k, v in timm.create_model(MODEL).state_dict().items()}  # fmt: skip
+    repo = tmp_path / "hub" / "models--timm--test_resnet.r160_in1k"
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    save_file(state, str(repo / "snapshots" / commit / "model.safetensors"))
+    model, report = factory.build_model(ModelConfig(name=MODEL), 3, None)
+    assert report.source == "timm hub" and report.warning is None
+    assert torch.equal(model.state_dict()["conv1.0.weight"], state["conv1.0.weight"])
+
+
+def test_teacher_refuses_auto(tmp_path, write_config):
+    from tlkd.errors import ConfigError
+
+    cfg = small_config(tmp_path, None, None, teacher={"name": MODEL, "pretrained": "auto"})
+    with pytest.raises(ConfigError, match="teacher.pretrained"):
+        load_config(write_config(cfg))
