@@ -8,8 +8,11 @@ val images are stored after the eval resize/crop (deterministic), so only normal
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import sys
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +34,57 @@ class NotUniform(Exception):
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("TLKD_CACHE_DIR", "~/.cache/tlkd")).expanduser()
+
+
+_warned: set[str] = set()  # one warning per folder and process (a sweep warns once)
+
+
+def usable_cache_dir(configured: Path | None) -> Path | None:
+    """The cache folder (``data.cache_dir``, else $TLKD_CACHE_DIR, else ~/.cache/tlkd) when it
+    can be written, else None: the run goes on without a disk cache (images decoded in memory
+    each run, auto-tuning measured again), after one warning line naming the folder and what
+    moves it. A home folder that does not exist is not created."""
+    home_missing = False
+    if configured is not None:
+        folder, moved_by = Path(configured).expanduser(), "data.cache_dir"
+    elif os.environ.get("TLKD_CACHE_DIR"):
+        folder, moved_by = Path(os.environ["TLKD_CACHE_DIR"]).expanduser(), "TLKD_CACHE_DIR"
+    else:
+        moved_by = "TLKD_CACHE_DIR or data.cache_dir"
+        try:
+            home = Path.home()
+        except (RuntimeError, KeyError):  # no HOME and no password entry
+            home = Path("~")
+        folder = home / ".cache" / "tlkd"
+        home_missing = not home.is_dir()
+    problem = "the home folder does not exist" if home_missing else None
+    if problem is None:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".probe.", dir=folder)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as err:
+            problem = err.strerror or type(err).__name__
+    if problem is None:
+        return folder
+    if str(folder) not in _warned:
+        _warned.add(str(folder))
+        _warn_cache(folder, problem, moved_by)
+    return None
+
+
+def _warn_cache(folder: Path, problem: str, moved_by: str) -> None:
+    from tlkd.engine import distributed
+
+    if distributed.info().is_main:
+        print(
+            f"warning: cache folder {folder} is not usable ({problem}); running without a disk "
+            f"cache (images decoded again, auto-tuning not remembered); set {moved_by} to a "
+            "writable folder",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def available_memory() -> int:
@@ -86,7 +140,7 @@ def load_images(
     ds: LabeledImages,
     pil_tf: Callable | None,
     tag: str,
-    cache_dir: Path,
+    cache_dir: Path | None,
     workers: int,
     log: Callable[[str], None] = print,
 ) -> torch.Tensor:
@@ -94,7 +148,7 @@ def load_images(
     ``pil_tf`` (a deterministic PIL transform, e.g. the eval resize/crop) runs before storing.
     Raises NotUniform when the images differ in size."""
     key = _file_key(ds, tag)
-    path = cache_dir / "images" / f"{key}.npy" if key else None
+    path = cache_dir / "images" / f"{key}.npy" if key and cache_dir is not None else None
     if path is not None and path.exists():
         try:
             return torch.from_numpy(np.load(path, allow_pickle=False))
@@ -124,11 +178,16 @@ def load_images(
             pos += 1
     assert out is not None
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, out, allow_pickle=False)
-        os.replace(tmp, path)  # atomic: concurrent runs never read half a file
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                np.save(f, out, allow_pickle=False)
+            os.replace(tmp, path)  # atomic: concurrent runs never read half a file
+        except OSError as err:  # a full disk: the decoded images are in memory all the same
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            log(f"warning: could not cache the decoded images in {path.parent}: {err.strerror}")
     return torch.from_numpy(out)
 
 

@@ -224,7 +224,7 @@ def _in_memory(
         if need > budget:
             reason = f"the images need {need / 2**30:.1f} GiB, over {budget / 2**30:.1f} GiB"
     if reason is None:
-        cache = data.cache_dir or memory.default_cache_dir()
+        cache = memory.usable_cache_dir(data.cache_dir)
         workers = data.num_workers if data.num_workers is not None else default_workers()
         try:
             train = memory.load_images(splits.train, None, "train", cache, workers, log)
@@ -270,7 +270,7 @@ def extra_loader(
     targets = torch.tensor(ds.targets, dtype=torch.long)
     workers = cfg.data.num_workers if cfg.data.num_workers is not None else default_workers()
     if in_memory:
-        cache = cfg.data.cache_dir or memory.default_cache_dir()
+        cache = memory.usable_cache_dir(cfg.data.cache_dir)
         pil_eval = memory.pil_stage(eval_tf)
         try:
             if train:

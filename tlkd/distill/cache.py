@@ -16,6 +16,7 @@ augmentation), so it cannot serve augmented training; this module is tlkd's own.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -91,10 +92,11 @@ def build_bank(
     seed: int,
     dtype: torch.dtype | None,
     device: torch.device,
-    cache_dir: Path,
+    cache_dir: Path | None,
     log: Callable[[str], None],
 ) -> Bank:
-    """Load the bank for these teachers and data from ``cache_dir``, computing what is missing."""
+    """Load the bank for these teachers and data from ``cache_dir``, computing what is missing.
+    With no usable cache folder (None) the bank is computed and kept in memory only."""
     aug = loader.augment
     assert aug is not None
     images = loader.images
@@ -103,16 +105,18 @@ def build_bank(
         images, aug.aug.model_dump_json(), aug.size, aug.interpolation, aug.mean, aug.std
     )
     params_key = digest(data_key, views, seed)
-    folder = cache_dir / "teacher"
+    stored = cache_dir is not None
+    folder = cache_dir / "teacher" if cache_dir is not None else Path()
     t0 = time.perf_counter()
     built = 0.0
     params_file = folder / f"views-{params_key}.safetensors"
-    if params_file.exists():
+    if stored and params_file.exists():
         params = load_file(params_file)["params"]
     else:
         g = torch.Generator().manual_seed(seed)
         params = aug.sample(n * views, height, width, g).view(n, views, -1)
-        _save({"params": params}, params_file)
+        if stored:
+            _save({"params": params}, params_file)
     logits: list[torch.Tensor | None] = []
     files = [params_file]
     for teacher, use in zip(teachers, used, strict=True):
@@ -124,19 +128,21 @@ def build_bank(
             folder / f"logits-{digest(params_key, teacher_digest(teacher), precision)}.safetensors"
         )
         files.append(file)
-        if file.exists():
+        if stored and file.exists():
             logits.append(load_file(file)["logits"])
             continue
-        log(f"teacher cache: {teacher.name} on {n:,} images x {views} views -> {file}")
+        where = file if stored else "memory only (no usable cache folder)"
+        log(f"teacher cache: {teacher.name} on {n:,} images x {views} views -> {where}")
         start = time.perf_counter()
         out = _teacher_logits(loader, teacher, params, dtype, device)
         built += time.perf_counter() - start
-        _save({"logits": out}, file)
+        if stored:
+            _save({"logits": out}, file)
         logits.append(out)
-    if built == 0.0:
+    if built == 0.0 and stored:
         took = time.perf_counter() - t0
         log(f"teacher cache: {views} views per image, read from {folder} ({took:.1f}s)")
-    return Bank(params, logits, files, built)
+    return Bank(params, logits, files if stored else [], built)
 
 
 @torch.inference_mode()
@@ -160,10 +166,16 @@ def _teacher_logits(loader, teacher, params, dtype, device, batch: int = 512) ->
 
 
 def _save(tensors: dict[str, torch.Tensor], file: Path) -> None:
-    file.parent.mkdir(parents=True, exist_ok=True)
+    """Store in the cache folder; a cache that cannot be written (no folder, full disk) only
+    means the next run computes again."""
     tmp = file.with_suffix(f".{os.getpid()}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, file)  # atomic: runs of a sweep may build the same bank side by side
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, file)  # atomic: runs of a sweep may build the same bank side by side
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 class CachedViews:
@@ -190,8 +202,13 @@ class CachedViews:
             yield x, self.loader.targets[idx]
 
 
-def cached_value(cache_dir: Path, key: str, compute: Callable[[], float]) -> tuple[float, bool]:
-    """A number (e.g. a teacher's val accuracy) remembered under ``key``; (value, was_cached)."""
+def cached_value(
+    cache_dir: Path | None, key: str, compute: Callable[[], float]
+) -> tuple[float, bool]:
+    """A number (e.g. a teacher's val accuracy) remembered under ``key``; (value, was_cached).
+    With no usable cache folder (None) it is computed every time."""
+    if cache_dir is None:
+        return compute(), False
     file = cache_dir / "teacher" / "values.json"
     try:
         known = json.loads(file.read_text())
@@ -201,8 +218,12 @@ def cached_value(cache_dir: Path, key: str, compute: Callable[[], float]) -> tup
         return known[key], True
     value = compute()
     known[key] = value
-    file.parent.mkdir(parents=True, exist_ok=True)
     tmp = file.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(known, indent=1))
-    os.replace(tmp, file)
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(known, indent=1))
+        os.replace(tmp, file)
+    except OSError:  # not remembered: measured again next time
+        with contextlib.suppress(OSError):
+            tmp.unlink()
     return value, False

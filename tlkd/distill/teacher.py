@@ -15,11 +15,18 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from tlkd.config import safe_yaml
 from tlkd.config.loader import validate
 from tlkd.config.schema import ModelConfig, TeacherConfig
 from tlkd.distill.features import FeatureTap, Layer
 from tlkd.errors import ConfigError
-from tlkd.models.factory import build_model, check_model_name, load_weights, weights_file
+from tlkd.models.factory import (
+    build_model,
+    check_model_name,
+    load_weights,
+    read_state_dict,
+    weights_file,
+)
 from tlkd.models.head import classifier_name
 from tlkd.run.rundir import CONFIG, SUMMARY
 
@@ -94,9 +101,7 @@ def build_teacher(cfg: TeacherConfig, key: str, student_mean: tuple, student_std
         run = Path(cfg.pretrained)
         file = weights_file(run, f"{key}.pretrained")
         if (run / CONFIG).is_file():
-            import yaml
-
-            run_cfg = validate(yaml.safe_load((run / CONFIG).read_text())).model
+            run_cfg = validate(safe_yaml.safe_load((run / CONFIG).read_text())).model
             if run_cfg.name != cfg.name:
                 raise ConfigError(
                     f"{key}.name",
@@ -108,9 +113,9 @@ def build_teacher(cfg: TeacherConfig, key: str, student_mean: tuple, student_std
             )
             model, _ = build_model(model_cfg, len(classes), classes)
         else:
-            model = _from_file(cfg, file)
+            model = _from_file(cfg, file, key)
     elif isinstance(cfg.pretrained, str):
-        model = _from_file(cfg, weights_file(cfg.pretrained, f"{key}.pretrained"))
+        model = _from_file(cfg, weights_file(cfg.pretrained, f"{key}.pretrained"), key)
     else:
         if cfg.pretrained is False:
             raise ConfigError(f"{key}.pretrained", "a teacher needs trained weights")
@@ -120,13 +125,13 @@ def build_teacher(cfg: TeacherConfig, key: str, student_mean: tuple, student_std
     return Teacher(model, classes, cfg.name, cfg.train_bn, student_mean, student_std)
 
 
-def _from_file(cfg: TeacherConfig, file: Path) -> nn.Module:
+def _from_file(cfg: TeacherConfig, file: Path, key: str) -> nn.Module:
     """A teacher from a weights file: its class count comes from the classifier's weights."""
     probe = timm.create_model(cfg.name, pretrained=False, **cfg.kwargs)
     head = classifier_name(probe)
-    state = timm.models.load_state_dict(str(file), weights_only=True)
+    state = read_state_dict(file, f"{key}.pretrained")
     weight = state.get(f"{head}.weight")
     num_classes = int(weight.shape[0]) if weight is not None else probe.num_classes
     model = timm.create_model(cfg.name, pretrained=False, num_classes=num_classes, **cfg.kwargs)
-    load_weights(model, file)
+    load_weights(model, file, key=f"{key}.pretrained")
     return model

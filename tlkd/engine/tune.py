@@ -74,11 +74,12 @@ def choose(
     batch_shape: tuple[int, ...],
     train: bool,
     log: Callable[[str], None],
-    cache_dir: Path,
+    cache_dir: Path | None,
     measure: bool = True,
 ) -> tuple[str | bool, ...]:
     """Concrete (precision, channels_last) for ``auto`` settings; rank 0 decides under DDP.
-    A measurement is remembered in ``cache_dir`` for the same model, shapes, CPU and torch.
+    A measurement is remembered in ``cache_dir`` for the same model, shapes, CPU and torch
+    (None: an unusable cache folder, nothing remembered).
     With ``measure`` off (dry runs) a CPU setting to be timed stays ``auto``."""
     if precision != "auto" and channels_last != "auto":
         return precision, bool(channels_last)
@@ -147,14 +148,18 @@ def _key(model, batch_shape, train, precisions, layouts) -> str:
     )
 
 
-def _read(cache_dir: Path) -> dict:
+def _read(cache_dir: Path | None) -> dict:
+    if cache_dir is None:
+        return {}
     try:
         return json.loads((cache_dir / TUNE_FILE).read_text())
     except (OSError, ValueError):
         return {}
 
 
-def _write(cache_dir: Path, key: str, chosen: tuple[str, bool]) -> None:
+def _write(cache_dir: Path | None, key: str, chosen: tuple[str, bool]) -> None:
+    if cache_dir is None:
+        return
     known = _read(cache_dir)
     known[key] = list(chosen)
     try:

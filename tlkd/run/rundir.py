@@ -6,6 +6,7 @@ killed at any moment leaves each file either complete and old or complete and ne
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -17,7 +18,7 @@ import torch
 import yaml
 from safetensors.torch import save as safetensors_bytes
 
-from tlkd.errors import TlkdError
+from tlkd.errors import ConfigError, TlkdError
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
@@ -30,22 +31,67 @@ EVAL = "eval.json"
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write ``path`` through ``write(file)`` into a temp file, fsync, then rename over it."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """Write ``path`` through ``write(file)`` into a temp file, fsync, then rename over it.
+    An OSError (a full disk, a folder gone read-only) becomes one TlkdError line naming the
+    file; the file it would have replaced is untouched."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise write_error(path, err) from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise write_error(path, err) from None
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as err:
+        raise write_error(path, err) from None
+
+
+def write_error(path: Path, err: OSError) -> TlkdError:
+    """``could not write PATH: No space left on device`` (exit 1)."""
+    reason = err.strerror or str(err) or type(err).__name__
+    return TlkdError(f"could not write {path}: {reason}")
+
+
+def check_output_dir(folder: Path, key: str = "output_dir", write: bool = True) -> None:
+    """Fail before anything is built when run folders cannot be made in ``folder``: with
+    ``write`` the folder is made and a file written in it, then both removed again; without,
+    the nearest existing folder above it must be a writable folder (dry runs)."""
+    if write:
+        made = [p for p in (folder, *folder.parents) if not p.exists()]
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".tlkd-probe.", dir=folder)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as err:
+            reason = err.strerror or type(err).__name__
+            raise ConfigError(key, f"cannot write run folders in {folder}: {reason}") from None
+        finally:
+            for p in made:  # deepest first: nothing is left behind by the check
+                with contextlib.suppress(OSError):
+                    p.rmdir()
+        return
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(key, f"cannot write run folders in {folder}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(key, f"cannot write run folders in {folder}: {existing} is read-only")
 
 
 def write_text(path: Path, text: str) -> None:
