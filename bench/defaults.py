@@ -27,6 +27,7 @@ import yaml
 from PIL import Image
 
 from bench.__main__ import cifar
+from tlkd.config.loader import deep_merge
 
 REPO = Path(__file__).resolve().parents[1]
 WORK = Path(os.environ.get("TLKD_BENCH_DIR", "~/.cache/tlkd-bench")).expanduser() / "defaults"
@@ -101,15 +102,6 @@ def settings(name: str) -> dict[str, dict]:
     return rows
 
 
-def merge(base: dict, over: dict) -> dict:
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            merge(base[key], value)
-        else:
-            base[key] = value
-    return base
-
-
 def run_one(name: str, row: str, seed: int) -> dict:
     train, val = build(name)
     cfg = {
@@ -119,7 +111,7 @@ def run_one(name: str, row: str, seed: int) -> dict:
         "data": {"train": str(train), "val": str(val)},
         "train": {"epochs": DATASETS[name][1], "val_every": 1000},
     }
-    merge(cfg, settings(name)[row])
+    cfg = deep_merge(cfg, settings(name)[row])
     path = WORK / "configs" / f"{cfg['experiment']}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))

@@ -12,7 +12,6 @@ import contextlib
 import hashlib
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,13 +58,9 @@ def usable_cache_dir(configured: Path | None) -> Path | None:
         home_missing = not home.is_dir()
     problem = "the home folder does not exist" if home_missing else None
     if problem is None:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            fd, probe = tempfile.mkstemp(prefix=".probe.", dir=folder)
-            os.close(fd)
-            os.unlink(probe)
-        except OSError as err:
-            problem = err.strerror or type(err).__name__
+        from tlkd.run.rundir import unwritable
+
+        problem = unwritable(folder)
     if problem is None:
         return folder
     if str(folder) not in _warned:

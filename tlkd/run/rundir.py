@@ -66,24 +66,32 @@ def write_error(path: Path, err: OSError) -> TlkdError:
     return TlkdError(f"could not write {path}: {reason}")
 
 
+def unwritable(folder: Path) -> str | None:
+    """Why files cannot be written in ``folder`` (made if missing), or None when they can: a
+    file is created and removed, which is what counts (permissions alone say nothing to root,
+    read-only mounts or full disks)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".tlkd-probe.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        return err.strerror or type(err).__name__
+    return None
+
+
 def check_output_dir(folder: Path, key: str = "output_dir", write: bool = True) -> None:
     """Fail before anything is built when run folders cannot be made in ``folder``: with
     ``write`` the folder is made and a file written in it, then both removed again; without,
     the nearest existing folder above it must be a writable folder (dry runs)."""
     if write:
         made = [p for p in (folder, *folder.parents) if not p.exists()]
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            fd, probe = tempfile.mkstemp(prefix=".tlkd-probe.", dir=folder)
-            os.close(fd)
-            os.unlink(probe)
-        except OSError as err:
-            reason = err.strerror or type(err).__name__
-            raise ConfigError(key, f"cannot write run folders in {folder}: {reason}") from None
-        finally:
-            for p in made:  # deepest first: nothing is left behind by the check
-                with contextlib.suppress(OSError):
-                    p.rmdir()
+        reason = unwritable(folder)
+        for p in made:  # deepest first: nothing is left behind by the check
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        if reason is not None:
+            raise ConfigError(key, f"cannot write run folders in {folder}: {reason}")
         return
     existing = folder
     while not existing.exists() and existing != existing.parent:
