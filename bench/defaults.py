@@ -36,9 +36,9 @@ OUT = REPO / "bench" / "results" / "defaults.json"
 # name -> (train images per class, epochs, how the images are made)
 DATASETS: dict[str, tuple[int, int, str]] = {
     "digits28": (0, 8, "the embedded UCI digits as a folder of 28 px PNGs (1,442 / 355)"),
-    "cifar32": (200, 8, "CIFAR-10, 200 train images per class, 32 px"),
-    "cifar-grey": (200, 8, "the same images in greyscale"),
-    "cifar96": (60, 8, "CIFAR-10, 60 per class, upsampled to 96 px (stand-in for photos)"),
+    "cifar32": (100, 8, "CIFAR-10, 100 train images per class, 32 px"),
+    "cifar-grey": (100, 8, "the same images in greyscale"),
+    "cifar96": (30, 8, "CIFAR-10, 30 per class, upsampled to 96 px (stand-in for photos)"),
     "cifar-20pc": (20, 30, "CIFAR-10, 20 train images per class, 32 px"),
 }
 VAL_PER_CLASS = 100  # CIFAR test images per class in every CIFAR val set (1,000)

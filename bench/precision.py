@@ -1,7 +1,7 @@
 """Does ``train.precision: auto`` cost accuracy? fp32 against auto over 3 seeds, on a
 from-scratch CIFAR ResNet-20 and on a distillation run (resnet56 teacher -> resnet20).
 
-``python -m bench.precision`` uses the cifar32 folders of ``python -m bench.defaults`` (2,000
+``python -m bench.precision`` uses the cifar32 folders of ``python -m bench.defaults`` (1,000
 train images, 1,000 test images), trains the teacher once (fp32), then every
 {scratch, kd} x {fp32, auto} x seed run one at a time, and writes bench/results/precision.json.
 """
@@ -99,7 +99,7 @@ def main() -> None:
     data.update(
         summary=summary,
         command="python -m bench.precision",
-        setup=f"cifar32 folders (2,000 train / 1,000 test), {EPOCHS} epochs, tlkd defaults",
+        setup=f"cifar32 folders (1,000 train / 1,000 test), {EPOCHS} epochs, tlkd defaults",
         machine={"cpu": platform.machine(), "cores": os.cpu_count()},
         date=time.strftime("%Y-%m-%d"),
     )
