@@ -38,8 +38,8 @@ DATASETS: dict[str, tuple[int, int, str]] = {
     "digits28": (0, 8, "the embedded UCI digits as a folder of 28 px PNGs (1,442 / 355)"),
     "cifar32": (100, 8, "CIFAR-10, 100 train images per class, 32 px"),
     "cifar-grey": (100, 8, "the same images in greyscale"),
-    "cifar96": (30, 8, "CIFAR-10, 30 per class, upsampled to 96 px (stand-in for photos)"),
     "cifar-20pc": (20, 30, "CIFAR-10, 20 train images per class, 32 px"),
+    "cifar96": (30, 8, "CIFAR-10, 30 per class, upsampled to 96 px (stand-in for photos)"),
 }
 VAL_PER_CLASS = 100  # CIFAR test images per class in every CIFAR val set (1,000)
 STRONG = {"policy": "strong"}  # timm's ImageNet recipe
@@ -93,6 +93,10 @@ def settings(name: str) -> dict[str, dict]:
         "none": {"data": {"augment": {"policy": "none"}}},
         "timm-imagenet": {"data": {"augment": STRONG}},
     }
+    if name == "cifar32":  # is the tuned config's edge its optimizer? (defaults + its lr)
+        rows["defaults-lr2e-3-warmup1"] = {
+            "train": {"optimizer": {"lr": 2e-3}, "scheduler": {"warmup_epochs": 1}}
+        }
     if name in TUNED:
         t = TUNED[name]
         rows["tuned"] = {
