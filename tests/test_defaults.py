@@ -19,6 +19,8 @@ from tlkd.data.defaults import (
     RunFacts,
     choose_image_size,
     choose_policy,
+    default_lr,
+    default_warmup,
     default_weight_decay,
     resolve_augment,
 )
@@ -58,7 +60,16 @@ def test_explicit_keys_win_and_digits_are_not_flipped():
     assert out.model_dump(exclude={"policy"}) == AugmentConfig(**POLICIES["strong"]).model_dump(
         exclude={"policy"}
     )
-    assert why == "set by data.augment.policy"
+    assert why.startswith("set by data.augment.policy: random crop (8-100% of the image)")
+
+
+def test_reason_describes_the_views_in_effect():
+    """An explicit key changes what the plan says, not only what runs."""
+    aug = AugmentConfig.model_validate({"scale": [0.6, 1.0]})
+    _, why = resolve_augment(aug, facts(epochs=10))
+    assert why.endswith("set by you: scale: random crop (60-100% of the image) and flip"), why
+    _, why = resolve_augment(AugmentConfig(), facts(epochs=2))
+    assert why.endswith(": the whole image"), why
 
 
 def test_image_size_rule():
@@ -77,11 +88,29 @@ def test_weight_decay_by_family():
     assert default_weight_decay("lamb")[0] == 0.05
 
 
+def test_lr_rule_by_family_start_and_batch():
+    assert default_lr("adamw", False, 64)[0] == 2e-3
+    assert default_lr("adamw", True, 64)[0] == 5e-4
+    assert default_lr("adam", False, 64)[0] == 2e-3  # adaptive: the same scale as adamw
+    assert default_lr("sgd", False, 64)[0] == 0.05
+    assert default_lr("sgd", True, 64)[0] == 0.01
+    assert default_lr("sgd", False, 128)[0] == pytest.approx(0.1)  # linear in the batch
+    lr, why = default_lr("adamw", False, 256)
+    assert lr == pytest.approx(4e-3) and "sqrt scaled to batch 256" in why  # sqrt
+    assert default_lr("lion", False, 64)[0] == pytest.approx(2e-3 / 3, rel=1e-2)
+
+
+def test_warmup_rule():
+    assert default_warmup(2)[0] == 0
+    assert [default_warmup(e)[0] for e in (3, 8, 30, 60, 100, 300)] == [1, 1, 2, 3, 5, 5]
+
+
 def _plan_config(tmp_path: Path, train_dir: Path, val_dir: Path, **over) -> dict:
     """A config that leaves the defaults under test unset."""
     cfg = small_config(tmp_path, train_dir, val_dir, **over)
     del cfg["data"]["image_size"], cfg["data"]["crop_pct"], cfg["data"]["augment"]
-    del cfg["train"]["optimizer"]["weight_decay"]
+    del cfg["train"]["optimizer"]["weight_decay"], cfg["train"]["optimizer"]["lr"]
+    del cfg["train"]["scheduler"]
     return cfg
 
 
@@ -96,6 +125,9 @@ def test_dry_run_plan_and_saved_config_record_the_choices(tmp_path, write_config
     assert "default     image_size: images of median 24px, raised to the minimum 32px" in out
     assert "default     augment: light (auto: 5 epochs on 18 images of 24px" in out
     assert "default     weight_decay: 0.0005 (sgd" in out
+    assert "default     lr: 0.00625 (sgd from random weights: 0.05 at batch 64, linearly" in out
+    assert "default     warmup_epochs: 1 (about 5% of 5 epochs" in out
+    assert "sgd lr 0.00625, scheduler cosine" in out
     result = cli("finetune", path, "train.epochs=1")
     assert result.exit_code == 0, result.output
     run = tmp_path / "runs" / "tiny"
@@ -104,6 +136,8 @@ def test_dry_run_plan_and_saved_config_record_the_choices(tmp_path, write_config
     assert saved["data"]["augment"]["policy"] == "none"
     assert saved["data"]["augment"]["scale"] == [1.0, 1.0]
     assert saved["train"]["optimizer"]["weight_decay"] == 5e-4
+    assert saved["train"]["optimizer"]["lr"] == 0.00625
+    assert saved["train"]["scheduler"]["warmup_epochs"] == 0  # 1 epoch: no warm-up
     summary = json.loads((run / "summary.json").read_text())
     assert summary["defaults_chosen"]["augment"].startswith("none (auto: 1 epochs")
     assert summary["weights"] == "random"
@@ -112,13 +146,15 @@ def test_dry_run_plan_and_saved_config_record_the_choices(tmp_path, write_config
     assert again.data.augment.policy == "none" and again.data.image_size == 32
 
 
-def test_resume_keeps_the_first_augmentation(tmp_path, write_config, cli):
-    """Resuming with more epochs would change auto's choice (none -> light); the run keeps
-    what its first start used, so the resume is of the same experiment."""
+def test_resume_keeps_the_first_choices(tmp_path, write_config, cli):
+    """Resuming with more epochs would change auto's choices (augmentation none -> light,
+    warm-up 0 -> 1 epoch); the run keeps what its first start used, so the resume is of the
+    same experiment (and is not refused as a different config)."""
     train = write_images(tmp_path / "train", per_class=6, seed=1)
     val = write_images(tmp_path / "val", per_class=2, seed=2)
     cfg = small_config(tmp_path, train, val, train={"epochs": 1})
     del cfg["data"]["augment"]
+    cfg["train"]["scheduler"] = {"name": "cosine"}  # warm-up auto: 0 at 1 epoch, 1 at 6
     path = write_config(cfg)
     assert cli("finetune", path).exit_code == 0
     run = tmp_path / "runs" / "tiny"
@@ -126,6 +162,7 @@ def test_resume_keeps_the_first_augmentation(tmp_path, write_config, cli):
     assert result.exit_code == 0, result.output
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["data"]["augment"]["policy"] == "none"
+    assert saved["train"]["scheduler"]["warmup_epochs"] == 0
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 6
 
 

@@ -180,7 +180,9 @@ class OptimizerConfig(Section):
     """Any optimizer timm.optim.create_optimizer_v2 knows (sgd, adamw, lamb, ...)."""
 
     name: str = "adamw"
-    lr: PositiveFloat = 1e-3
+    # default by optimizer family and start, scaled with the batch (tlkd/data/defaults.py):
+    # adamw 2e-3 from random weights, 5e-4 from pretrained ones; sgd 0.05 / 0.01 (batch 64)
+    lr: PositiveFloat | None = None
     # default by optimizer family: 0.05 for decoupled (Adam-like: adamw, lamb, lion, ...),
     # 5e-4 for decay added to the gradient (sgd, momentum, adam, rmsprop, ...)
     weight_decay: NonNegativeFloat | None = None
@@ -192,7 +194,7 @@ class SchedulerConfig(Section):
     """A timm scheduler (create_scheduler_v2), stepped every optimizer update."""
 
     name: Literal["cosine", "step", "multistep", "poly", "tanh", "none"] = "cosine"
-    warmup_epochs: NonNegativeInt = 0
+    warmup_epochs: NonNegativeInt | None = None  # default: about 5% of the epochs, 1 to 5
     warmup_lr: NonNegativeFloat = 1e-5
     min_lr: NonNegativeFloat = 0.0
     decay_epochs: PositiveInt = 30  # step

@@ -101,13 +101,20 @@ def build_experiment(
         cfg.model.num_classes = 0
         model, weights = build_model(cfg.model, 0, None)
     choices: dict[str, str] = {}
+    saved = _saved_config(resume)
     if for_training:
-        _resolve_weight_decay(cfg, choices)
+        _resolve_optimizer(cfg, weights.loaded > 0, saved, choices)
+    native = (  # the training images' own size, read once for the two rules below
+        _native_size(splits.train, subset_seed(cfg))
+        if cfg.data.dataset not in SMALL_IMAGE_DATASETS
+        and (for_training or cfg.data.image_size is None)
+        else None
+    )
     if cfg.data.image_size is None:
-        cfg.data.image_size, choices["image_size"] = _default_image_size(cfg, splits, model)
+        cfg.data.image_size, choices["image_size"] = _default_image_size(cfg, native, model)
     model_cfg = resolve_input(cfg.data, model)
     if for_training:
-        _resolve_augment(cfg, splits, weights, resume, choices)
+        _resolve_augment(cfg, len(splits.train), native, weights.loaded > 0, saved, choices)
     model.to(device)
     _resolve_knobs(cfg, model, model_cfg, device, for_training, log, resume, dry_run)
     dtype = autocast_dtype(cfg.train.precision, device)
@@ -117,11 +124,41 @@ def build_experiment(
     return Experiment(cfg, splits, model, weights, loaders, device, dtype, model_cfg, choices)
 
 
-def _resolve_weight_decay(cfg: Config, choices: dict[str, str]) -> None:
-    opt = cfg.train.optimizer
+def _saved_config(resume: Path | None) -> dict[str, Any]:
+    """The config a resumed run was first started with ({} for a new run)."""
+    if resume is None or not (resume / CONFIG).is_file():
+        return {}
+    saved = safe_yaml.safe_load((resume / CONFIG).read_text())
+    return saved if isinstance(saved, dict) else {}
+
+
+def _resolve_optimizer(
+    cfg: Config, pretrained: bool, saved: dict[str, Any], choices: dict[str, str]
+) -> None:
+    """Learning rate, weight decay and warm-up left unset, by the rules of data/defaults.py;
+    a resumed run keeps what its first start chose (the warm-up depends on the epochs, which
+    a resume may change)."""
+    t = cfg.train
+    opt, sched = t.optimizer, t.scheduler
+    first = saved.get("train", {}) if isinstance(saved.get("train"), dict) else {}
+    for section, obj in (("optimizer", opt), ("scheduler", sched)):
+        values = first.get(section) if isinstance(first.get(section), dict) else {}
+        for key in ("lr", "weight_decay", "warmup_epochs"):
+            if getattr(obj, key, 0) is None and values.get(key) is not None:
+                setattr(obj, key, values[key])
+                choices[key] = f"{values[key]:g} (as the run's first start chose)"
+    if opt.lr is None:
+        opt.lr, why = defaults.default_lr(opt.name, pretrained, t.batch_size * t.accum_steps)
+        choices["lr"] = f"{opt.lr:g} ({why})"
     if opt.weight_decay is None:
         opt.weight_decay, why = defaults.default_weight_decay(opt.name)
         choices["weight_decay"] = f"{opt.weight_decay:g} ({why})"
+    if sched.warmup_epochs is None:
+        if sched.name == "none":
+            sched.warmup_epochs, why = 0, "no scheduler"
+        else:
+            sched.warmup_epochs, why = defaults.default_warmup(t.epochs)
+        choices["warmup_epochs"] = f"{sched.warmup_epochs} ({why})"
 
 
 def _native_size(ds: LabeledImages, seed: int) -> int | None:
@@ -136,7 +173,7 @@ def _native_size(ds: LabeledImages, seed: int) -> int | None:
     return defaults.median_size([ds[i][0].size for i in picks])
 
 
-def _default_image_size(cfg: Config, splits: Splits, model: nn.Module) -> tuple[int, str]:
+def _default_image_size(cfg: Config, native: int | None, model: nn.Module) -> tuple[int, str]:
     if cfg.data.dataset in SMALL_IMAGE_DATASETS:
         return 32, f"{cfg.data.dataset}: a dataset of tiny images"
     patch = getattr(model, "patch_embed", None)
@@ -148,30 +185,32 @@ def _default_image_size(cfg: Config, splits: Splits, model: nn.Module) -> tuple[
         return defaults.choose_image_size(None, size, fixed=True)
     model_size = int(resolve_model_data_config(model)["input_size"][-1])
     fixed = bool(getattr(model, "pretrained_cfg", {}).get("fixed_input_size", False))
-    native = _native_size(splits.train, subset_seed(cfg))
     if native is not None and native <= model_size and not fixed and cfg.data.crop_pct is None:
         # the images are used at their own size: the eval view keeps all of it, as training's
         cfg.data.crop_pct = 1.0
     return defaults.choose_image_size(native, model_size, fixed)
 
 
-def _resolve_augment(cfg, splits, weights, resume, choices) -> None:
+def _resolve_augment(
+    cfg: Config,
+    train_images: int,
+    native: int | None,
+    pretrained: bool,
+    saved: dict[str, Any],
+    choices: dict[str, str],
+) -> None:
     """``data.augment``'s policy applied (a resumed run keeps what its first start chose)."""
     aug = cfg.data.augment
-    if resume is not None and aug.policy == "auto" and (resume / CONFIG).is_file():
-        saved = (safe_yaml.safe_load((resume / CONFIG).read_text()) or {}).get("data", {})
-        if isinstance(saved.get("augment"), dict):
-            cfg.data.augment = type(aug).model_validate(saved["augment"])
-            choices["augment"] = f"{cfg.data.augment.policy} (as the run's first start chose)"
-            return
-    native = None
-    if cfg.data.dataset not in SMALL_IMAGE_DATASETS:
-        native = _native_size(splits.train, subset_seed(cfg)) if len(splits.train) else None
+    first = saved.get("data") if isinstance(saved.get("data"), dict) else {}
+    if aug.policy == "auto" and isinstance(first.get("augment"), dict):
+        cfg.data.augment = type(aug).model_validate(first["augment"])
+        choices["augment"] = f"{cfg.data.augment.policy} (as the run's first start chose)"
+        return
     facts = defaults.RunFacts(
         image_px=native or (32 if cfg.data.dataset in SMALL_IMAGE_DATASETS else None),
-        train_images=len(splits.train),
+        train_images=train_images,
         epochs=cfg.train.epochs,
-        pretrained=weights.loaded > 0,
+        pretrained=pretrained,
         mode=mode_of(cfg),
         dataset=cfg.data.dataset or "folder",
     )
@@ -303,7 +342,7 @@ def plan_lines(exp: Experiment, steps_per_epoch: int, mode: str) -> list[str]:
             f"{exp.loaders.note}",
             f"schedule    {t.epochs} epochs x {steps_per_epoch} steps (batch {t.batch_size}"
             f"{f', accumulate {t.accum_steps}' if t.accum_steps > 1 else ''}) = "
-            f"{t.epochs * steps_per_epoch:,} steps; {t.optimizer.name} lr {t.optimizer.lr:g}, "
+            f"{t.epochs * steps_per_epoch:,} steps; {t.optimizer.name} lr {t.optimizer.lr or 0:g}, "
             f"scheduler {t.scheduler.name}",
             f"device      {exp.device}, precision {_shown_precision(cfg, exp)}, "
             f"channels_last {str(t.channels_last).lower()}",
