@@ -10,7 +10,7 @@ import timm
 import torch
 from safetensors.torch import load_file, save_file
 
-import tlkd  # noqa: F401  registers the CIFAR models
+import tlkd.models  # noqa: F401  registers the CIFAR models
 from tlkd.config import load_config
 from tlkd.config.schema import LossConfig, TeacherConfig
 from tlkd.distill import losses as L

@@ -54,12 +54,8 @@ def _train_command(
         from pathlib import Path
 
         from tlkd.config import load_config
-        from tlkd.engine import distributed
-        from tlkd.engine.progress import Reporter
         from tlkd.errors import ConfigError
-        from tlkd.recipes.modes import recipe as recipe_of
 
-        recipe = recipe_of(mode)
         overrides_ = list(overrides or [])
         run_dir = Path(resume).expanduser().resolve() if resume else None
         if config is not None and "=" in config and not Path(config).exists():
@@ -73,7 +69,12 @@ def _train_command(
             config_ = str(run_dir / "config.yaml")
             if not Path(config_).is_file():
                 raise ConfigError("--resume", f"{run_dir} is not a tlkd run directory")
-        cfg = load_config(config_, overrides_)
+        cfg = load_config(config_, overrides_)  # a config error exits here, before torch loads
+        from tlkd.engine import distributed
+        from tlkd.engine.progress import Reporter
+        from tlkd.recipes.modes import recipe as recipe_of
+
+        recipe = recipe_of(mode)
         ddp = distributed.init_from_env(cfg.train.device)  # torchrun: join the process group
         try:
             reporter = Reporter(cfg.train.log_every, quiet=quiet or not ddp.is_main)
@@ -200,7 +201,7 @@ def compare(
 @app.command()
 def version() -> None:
     """Print the versions of tlkd and its main dependencies."""
-    from tlkd.recipes.common import versions
+    from tlkd.versions import versions
 
     for name, v in versions().items():
         print(f"{name} {v}")

@@ -5,7 +5,7 @@ DKD papers' tables) and wide ResNets WRN-16-2/WRN-40-2 (Zagoruyko & Komodakis 20
 small-input (32x32) stems. timm has no such models, so they are written here, with timm's
 model interface (forward_features/forward_head/forward_intermediates, feature_info,
 reset_classifier) so distillation losses and `features_only` work as for any timm model.
-Importing tlkd registers them: ``timm.create_model("resnet56", num_classes=10)``.
+Importing tlkd.models registers them: ``timm.create_model("resnet56", num_classes=10)``.
 """
 
 from __future__ import annotations

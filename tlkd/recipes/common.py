@@ -3,23 +3,19 @@ and its summary. A recipe (finetune, distill, ...) picks an objective and calls 
 
 from __future__ import annotations
 
-import platform
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
-import torchvision
 import yaml
 from timm.data import resolve_model_data_config
 from timm.optim import create_optimizer_v2, list_optimizers
 from timm.scheduler import create_scheduler_v2
 from torch import nn
 
-import tlkd
 from tlkd.config import safe_yaml
 from tlkd.config.loader import resolved_dict
 from tlkd.config.schema import Config
@@ -39,6 +35,7 @@ from tlkd.models.factory import WeightsReport, build_model, count_params
 from tlkd.models.freeze import Freezer
 from tlkd.recipes.modes import mode_of
 from tlkd.run.rundir import CONFIG, SUMMARY, RunDir, check_output_dir, write_json
+from tlkd.versions import versions
 
 
 @dataclass
@@ -304,16 +301,6 @@ def peak_rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     except (ImportError, OSError):
         return 0.0
-
-
-def versions() -> dict[str, str]:
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "timm": timm.__version__,
-        "tlkd": tlkd.__version__,
-    }
 
 
 def plan_lines(exp: Experiment, steps_per_epoch: int, mode: str) -> list[str]:

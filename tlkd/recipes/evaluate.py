@@ -21,9 +21,10 @@ from tlkd.engine.inference import predict, topk_accuracy
 from tlkd.engine.progress import Reporter
 from tlkd.errors import ConfigError
 from tlkd.models.factory import count_params
-from tlkd.recipes.common import build_experiment, versions
+from tlkd.recipes.common import build_experiment
 from tlkd.run.plots import plot_confusion
 from tlkd.run.rundir import CONFIG, EVAL, WEIGHTS, RunDir, write_json
+from tlkd.versions import versions
 
 CONFUSION = "confusion.png"
 
