@@ -11,7 +11,7 @@ from torch import nn
 
 from tlkd.config.schema import LossConfig
 from tlkd.distill import losses as L
-from tlkd.distill.features import ConvReg
+from tlkd.distill.losses.fitnet import ConvReg
 from tlkd.errors import ConfigError
 
 

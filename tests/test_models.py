@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import timm
@@ -18,6 +19,7 @@ from tlkd.engine.trainer import Trainer
 from tlkd.errors import ConfigError, TlkdError
 from tlkd.models.factory import build_model
 from tlkd.models.freeze import Freezer
+from tlkd.models.head import feature_width
 from tlkd.recipes.finetune import finetune
 
 CLASSES = ["blue", "green", "red"]
@@ -27,25 +29,26 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def train_with_snapshots(tmp_path, squares, monkeypatch, epochs: int = 2, **model):
-    """Finetune the tiny model; return its state when training starts and after each epoch,
-    and the run's summary."""
+def train_with_snapshots(tmp_path, squares, monkeypatch, **model):
+    """Finetune the tiny model for two epochs; return its state when training starts and
+    after each epoch, and the run's summary. The epochs' states are the run's own
+    checkpoints: checkpoint.prev.pt holds epoch 1's, checkpoint.pt epoch 2's."""
     states: list[dict[str, torch.Tensor]] = []
-    fit, end_epoch = Trainer.fit, Trainer._end_epoch
+    fit = Trainer.fit
 
     def spy_fit(self, *args, **kwargs):
         states.append(snapshot(self.model))
         return fit(self, *args, **kwargs)
 
-    def spy_end_epoch(self, epoch, row):
-        states.append(snapshot(self.model))
-        return end_epoch(self, epoch, row)
-
     monkeypatch.setattr(Trainer, "fit", spy_fit)
-    monkeypatch.setattr(Trainer, "_end_epoch", spy_end_epoch)
-    raw = small_config(tmp_path, *squares, model=model, train={"epochs": epochs})
+    raw = small_config(tmp_path, *squares, model=model, train={"epochs": 2})
     summary = finetune(validate(raw), reporter=Reporter(quiet=True))
-    assert len(states) == epochs + 1
+    run = Path(summary["run_dir"])
+    for name, epoch in (("checkpoint.prev.pt", 1), ("checkpoint.pt", 2)):
+        ckpt = torch.load(run / name, map_location="cpu", weights_only=True)
+        assert ckpt["epoch"] == epoch and ckpt["partial"] is None
+        states.append(ckpt["model"])
+    assert len(states) == 3
     return states, summary
 
 
@@ -113,7 +116,7 @@ def test_freeze_by_module_names(tmp_path, squares, monkeypatch):
 
 def test_unfreeze_after_trains_frozen_modules_from_the_next_epoch(tmp_path, squares, monkeypatch):
     (start, epoch1, epoch2), _ = train_with_snapshots(
-        tmp_path, squares, monkeypatch, epochs=2, freeze="backbone", unfreeze_after=1
+        tmp_path, squares, monkeypatch, freeze="backbone", unfreeze_after=1
     )
     backbone = [k for k in start if not under(k, ["fc"])]
     backbone_params = [k for k in float_params() if not under(k, ["fc"])]
@@ -174,10 +177,28 @@ def test_head_with_two_hidden_layers_gelu_no_dropout_on_a_vit():
     model, _ = build_model(
         ModelConfig(name="test_vit", head={"hidden": [32, 8], "activation": "gelu"}), 5, None
     )
-    assert [type(m) for m in model.head] == [nn.Linear, nn.GELU, nn.Linear, nn.GELU, nn.Linear]
+    # GELU by name from timm's activation registry: computes torch's GELU
+    names = [type(m).__name__ for m in model.head]
+    assert names == ["Linear", "GELU", "Linear", "GELU", "Linear"]
+    x = torch.randn(4, 8)
+    torch.testing.assert_close(model.head[3](x), nn.functional.gelu(x))
     assert [m.out_features for m in model.head if isinstance(m, nn.Linear)] == [32, 8, 5]
     model.eval()
     assert model(torch.randn(1, 3, 16, 16)).shape == (1, 5)
+
+
+@pytest.mark.parametrize("name", [MODEL, "test_vit", "mobilenetv3_small_050"])
+def test_feature_width_is_what_the_classifier_reads(name):
+    # mobilenetv3: a conv of the head's own widens num_features (288) to 1024 before the fc
+    model = timm.create_model(name, num_classes=3).eval()
+    seen = []
+    model.get_classifier().register_forward_hook(lambda m, inputs, out: seen.append(inputs[0]))
+    backbone = timm.create_model(name, num_classes=0).eval()
+    size = 64 if name.startswith("mobilenet") else 16
+    with torch.no_grad():
+        model(torch.zeros(1, 3, size, size))
+        out = backbone(torch.zeros(1, 3, size, size))
+    assert feature_width(model) == feature_width(backbone) == seen[0].shape[-1] == out.shape[-1]
 
 
 def test_without_head_config_the_classifier_is_timms_linear():

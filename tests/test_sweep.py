@@ -8,7 +8,7 @@ import sys
 
 from conftest import tlkd_env
 
-from tlkd.recipes.sweep import _run_name, parse_grid
+from tlkd.recipes.sweep import _groups, _run_name, parse_grid
 
 
 def test_grid_parsing_and_run_names():
@@ -21,6 +21,23 @@ def test_grid_parsing_and_run_names():
         "data.classes": [["a", "b"], ["c", "d"]],
     }
     assert _run_name({"distill.losses.0.temperature": 4, "seed": 1}) == "temperature-4_seed-1"
+
+
+def test_sweep_groups_are_compares_mean_over_seeds():
+    rows = [
+        {"run": f"lr-{lr}_seed-{seed}", "lr": lr, "seed": seed, "status": "finished",
+         "final_val_top1": final, "best_val_top1": None if lr == 0.2 else final + 1}
+        for lr, seed, final in [(0.1, 0, 80.0), (0.1, 1, 82.0), (0.2, 0, 70.0), (0.2, 1, 71.0)]
+    ]  # fmt: skip
+    groups = _groups(rows, {"lr": [0.1, 0.2], "seed": [0, 1]})
+    assert groups == [
+        {"lr": 0.1, "runs": 2, "final_val_top1": "81.00 ± 1.41", "best_val_top1": "82.00 ± 1.41"},
+        {"lr": 0.2, "runs": 2, "final_val_top1": "70.50 ± 0.71", "best_val_top1": "-"},
+    ]
+    # no seed in the grid (rows have no seed): one run per cell, its value alone
+    unseeded = {k: v for k, v in rows[0].items() if k != "seed"}
+    groups = _groups([unseeded], {"lr": [0.1]})
+    assert groups == [{"lr": 0.1, "runs": 1, "final_val_top1": "80.00", "best_val_top1": "81.00"}]
 
 
 def test_interrupted_sweep_completes_and_skips_finished_runs(tmp_path, tiny_config):

@@ -1,10 +1,12 @@
 """What a batch of labelled source and unlabelled target images (target -1) costs, per
-adaptation method. All share the source cross-entropy and the per-epoch domain metrics."""
+adaptation method (registered in tlkd/adapt/registry.py). All share the source
+cross-entropy and the per-epoch domain metrics; each class says how a run is wired for it
+(``trains_on_target``, ``uses_target_stats``, ``plan_lines``, ``summary_fields``)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +18,7 @@ from tlkd.config.schema import AdaptConfig
 from tlkd.engine.distributed import gather_cat
 from tlkd.engine.inference import classification_metrics, predict
 from tlkd.engine.objectives import Objective, StepOutput
+from tlkd.models.head import feature_width
 
 
 class DomainObjective(Objective):
@@ -30,12 +33,16 @@ class DomainObjective(Objective):
     domain). Without it (the default) both domains share one batch and its statistics, as in
     the methods' papers."""
 
+    trains_on_target: ClassVar[bool] = True  # target images join every training batch
+    title: ClassVar[str] = ""  # the method's name in plan lines
+
     def __init__(
         self,
         cfg: AdaptConfig,
         source_val: Iterable | None,
         runtime: dict[str, Any],
         target_stats: Iterable | None = None,
+        model: nn.Module | None = None,
     ):
         super().__init__()
         self.cfg = cfg
@@ -45,6 +52,28 @@ class DomainObjective(Objective):
         self.epoch, self.epochs = 1, 1
         self.step, self.steps = 1, 1
         self._source_scores: dict[str, float] = {}
+
+    @classmethod
+    def uses_target_stats(cls, cfg: AdaptConfig) -> bool:
+        """Whether BatchNorm statistics are re-estimated on the target before validation."""
+        return bool(cfg.target_bn)
+
+    @classmethod
+    def plan_lines(cls, cfg: AdaptConfig, epochs: int) -> list[str]:
+        return [
+            "batchnorm   "
+            + (
+                "per domain in training (adapt.target_bn: true, the per-domain-BN variant); "
+                "re-estimated on the target before every validation"
+                if cfg.target_bn
+                else "one batch of source and target images, shared statistics "
+                f"(plain {cls.title}; adapt.target_bn: false)"
+            )
+        ]
+
+    @classmethod
+    def summary_fields(cls, cfg: AdaptConfig) -> dict[str, Any]:
+        return {"target_bn": cfg.target_bn}
 
     def run(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The model's logits for the batch, rows in the batch's order; per domain when
@@ -80,14 +109,14 @@ class DomainObjective(Objective):
     @property
     def adapting(self) -> bool:
         """Past the warm-up epochs: the target term is on."""
-        return self.epoch > self.cfg.warmup_epochs
+        return self.epoch > (self.cfg.warmup_epochs or 0)
 
     @property
     def progress(self) -> tuple[int, int]:
         """(steps of adaptation done before this one, steps of adaptation in all): the
         position in the training after the warm-up epochs, from the epoch and step numbers,
         so a resumed run continues the count exactly."""
-        warm = self.cfg.warmup_epochs
+        warm = self.cfg.warmup_epochs or 0
         done = (self.epoch - warm - 1) * self.steps + self.step - 1
         return max(done, 0), max(self.epochs - warm, 1) * self.steps
 
@@ -105,6 +134,20 @@ class AdaBN(DomainObjective):
     """Trains on the source alone; before each validation the BatchNorm statistics are
     re-estimated on the target images, so the saved model carries the target's."""
 
+    trains_on_target = False
+
+    @classmethod
+    def uses_target_stats(cls, cfg: AdaptConfig) -> bool:
+        return True
+
+    @classmethod
+    def plan_lines(cls, cfg: AdaptConfig, epochs: int) -> list[str]:
+        return []
+
+    @classmethod
+    def summary_fields(cls, cfg: AdaptConfig) -> dict[str, Any]:
+        return {}
+
     def forward(self, model, images, targets) -> StepOutput:
         logits = model(images)
         return StepOutput(_source_ce(logits, targets), logits)
@@ -121,6 +164,8 @@ class PseudoLabel(DomainObjective):
     """Self-training (Lee 2013): target images whose prediction is confident enough count as
     labelled with it. The target term is averaged over all target rows, so it grows with the
     share of confident ones."""
+
+    title = "pseudo-labelling"
 
     def forward(self, model, images, targets) -> StepOutput:
         logits = self.run(model, images, targets)
@@ -153,14 +198,34 @@ class DANN(DomainObjective):
     discriminator is trained and checkpointed with the model but not saved in
     model.safetensors."""
 
-    def __init__(self, cfg, source_val, runtime, target_stats, model: nn.Module, features: int):
+    title = "DANN"
+
+    def __init__(
+        self,
+        cfg: AdaptConfig,
+        source_val: Iterable | None,
+        runtime: dict[str, Any],
+        target_stats: Iterable | None,
+        model: nn.Module,
+        features: int | None = None,  # the classifier's input width; default: the model's
+    ):
         super().__init__(cfg, source_val, runtime, target_stats)
+        features = features if features is not None else feature_width(model)
         self.discriminator = DomainDiscriminator(features, cfg.hidden)
         self._feats: list[torch.Tensor] = []
         # the classifier's input is the pooled feature vector of any timm model
         model.get_classifier().register_forward_hook(
             lambda m, inputs, _out: self._feats.append(inputs[0]) if m.training else None
         )
+
+    @classmethod
+    def plan_lines(cls, cfg: AdaptConfig, epochs: int) -> list[str]:
+        span = max(epochs - cfg.warmup_epochs, 0)
+        return [
+            *super().plan_lines(cfg, epochs),
+            "grl         Ganin's lambda = 2/(1+exp(-10 p)) - 1 per step, p from 0 to 1 over "
+            f"the {span} epochs after {cfg.warmup_epochs} warm-up",
+        ]
 
     def forward(self, model, images, targets) -> StepOutput:
         self._feats.clear()

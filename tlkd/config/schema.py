@@ -7,7 +7,7 @@ A minimal experiment is a few lines; everything else has a default. Unknown keys
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -17,11 +17,16 @@ from pydantic import (
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
+    create_model,
     field_validator,
     model_validator,
 )
 
+from tlkd.adapt.registry import METHODS
+from tlkd.config.registry import check_name, fill_params, param_fields
 from tlkd.data.catalog import DATASET_NAMES
+from tlkd.distill.registry import LOSSES
+from tlkd.ssl.registry import METHODS as SSL_METHODS
 
 ScalarArg = bool | int | float | str
 
@@ -252,63 +257,47 @@ class TeacherConfig(Section):
 LayerSpec = NonNegativeInt | str  # a feature_info stage index, or a module name
 
 
-class LossConfig(Section):
-    """One weighted term of the distillation objective."""
+class _LossBase(Section):
+    """One weighted term of the distillation objective. The loss types, their own keys and
+    defaults come from the registry (tlkd/distill/registry.py): see ``LossConfig`` below."""
 
-    type: Literal["kd", "hard", "ce", "fitnet", "at", "dkd", "dist"]
+    type: str
     weight: NonNegativeFloat = 1.0
-    teacher: NonNegativeInt | None = None  # which teacher; default: all, softmax averaged (logits)
-    # type-specific settings: None where they do not apply; the defaults below fill the rest
-    temperature: PositiveFloat | None = None  # kd, dkd: 4; dist: 1
-    label_smoothing: float | None = Field(None, ge=0.0, lt=1.0)  # ce: 0
-    alpha: NonNegativeFloat | None = None  # dkd: target-class term, 1
-    beta: NonNegativeFloat | None = None  # dkd: non-target term, 8; dist: inter-class, 1
-    gamma: NonNegativeFloat | None = None  # dist: intra-class term, 1
-    p: PositiveFloat | None = None  # at: power of the attention map, 2
-    # dkd: the loss ramps up linearly, x min(epoch / warmup_epochs, 1) (epochs count from 1),
-    # 20 as mdistiller; 0: no ramp
-    warmup_epochs: NonNegativeInt | None = None
-    # at: default the last 3 stages (summed); fitnet: stage 2, RepDistiller's hint layer
+    teacher: NonNegativeInt | None = None  # which teacher; default: all (one ensemble)
+    # features losses: default the last 3 stages (at, summed), or the hint layer (fitnet)
     student_layers: list[LayerSpec] | None = None
     teacher_layers: list[LayerSpec] | None = None
 
-    _DEFAULTS: ClassVar[dict[str, dict[str, Any]]] = {
-        "kd": {"temperature": 4.0},
-        "hard": {},
-        "ce": {"label_smoothing": 0.0},
-        "fitnet": {"student_layers": None, "teacher_layers": None},
-        "at": {"p": 2.0, "student_layers": None, "teacher_layers": None},
-        "dkd": {"temperature": 4.0, "alpha": 1.0, "beta": 8.0, "warmup_epochs": 20},
-        "dist": {"temperature": 1.0, "beta": 1.0, "gamma": 1.0},
-    }
-    _SPECIFIC: ClassVar[tuple[str, ...]] = (
-        "temperature",
-        "label_smoothing",
-        "alpha",
-        "beta",
-        "gamma",
-        "p",
-        "warmup_epochs",
-        "student_layers",
-        "teacher_layers",
-    )
+    @field_validator("type")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        return check_name(v, LOSSES, "loss type")
 
     @model_validator(mode="after")
-    def _fits_type(self) -> LossConfig:
-        defaults = self._DEFAULTS[self.type]
-        for key in self._SPECIFIC:
-            value = getattr(self, key)
-            if key not in defaults and value is not None:
-                raise ValueError(f"{key} does not apply to loss type {self.type!r}")
-            if value is None and defaults.get(key) is not None:
-                setattr(self, key, defaults[key])
-        if self.type == "ce" and self.teacher is not None:
-            raise ValueError("loss type 'ce' learns the labels; it takes no teacher")
+    def _fits_type(self) -> _LossBase:
+        entry = LOSSES[self.type]
+        fill_params(self, entry, LOSS_PARAMS, f"loss type {self.type!r}")
+        if entry.inputs != "features":
+            for key in ("student_layers", "teacher_layers"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"{key} does not apply to loss type {self.type!r}")
+        if entry.inputs == "labels" and self.teacher is not None:
+            raise ValueError(f"loss type {self.type!r} learns the labels; it takes no teacher")
         if (self.student_layers is None) != (self.teacher_layers is None):
             raise ValueError("give student_layers and teacher_layers together")
         if self.student_layers is not None and len(self.student_layers) != len(self.teacher_layers):
             raise ValueError("student_layers and teacher_layers must pair up (same length)")
         return self
+
+
+LOSS_PARAMS = param_fields(LOSSES)
+# the registry's keys as optional fields (None: the loss type's default, or does not apply)
+LossConfig = create_model(
+    "LossConfig",
+    __base__=_LossBase,
+    __module__=__name__,
+    **{key: (kind | None, None) for key, kind in LOSS_PARAMS.items()},
+)
 
 
 class TaskConfig(Section):
@@ -339,32 +328,60 @@ class DistillConfig(Section):
     cache: CacheConfig | None = None  # omit: the teacher runs live on every batch
 
 
-class AdaptConfig(Section):
+class _AdaptBase(Section):
     """Domain adaptation (``tlkd adapt``): labelled source ``data.train``, unlabelled target
-    ``data.unlabeled``, labelled target ``data.val``."""
+    ``data.unlabeled``, labelled target ``data.val``. The methods, their own keys and defaults
+    come from the registry (tlkd/adapt/registry.py): see ``AdaptConfig`` below."""
 
-    method: Literal["adabn", "pseudo_label", "dann"]
+    method: str
     weight: NonNegativeFloat = 1.0  # of the target term (pseudo-label CE, domain loss)
-    threshold: float = Field(0.95, gt=0.0, le=1.0)  # pseudo_label: confidence to keep a label
-    warmup_epochs: NonNegativeInt = 0  # pseudo_label, dann: source-only epochs first
-    hidden: PositiveInt = 256  # dann: width of the domain discriminator
-    # pseudo_label, dann: false (default, the papers' method, e.g. plain DANN): source and
-    # target images share one batch and its BatchNorm statistics; true: the per-domain-BN
-    # variant, BatchNorm per domain in training, re-estimated on the target before validation
-    target_bn: bool = False
     source_val: Path | None = None  # a labelled source-domain val folder, scored every epoch
 
+    @field_validator("method")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        return check_name(v, METHODS, "adapt.method")
 
-class PretrainConfig(Section):
-    """Self-supervised pretraining (``tlkd pretrain``) on ``data.unlabeled``."""
+    @model_validator(mode="after")
+    def _fits_method(self) -> _AdaptBase:
+        fill_params(self, METHODS[self.method], ADAPT_PARAMS, f"adapt.method {self.method!r}")
+        return self
 
-    method: Literal["simclr"] = "simclr"
-    # of the NT-Xent loss, which is SimCLR's code's: both directions summed (a->b + b->a),
-    # negatives gathered from every process under torchrun
-    temperature: PositiveFloat = 0.2
-    proj_dim: PositiveInt = 128  # projection head output
-    proj_hidden: PositiveInt = 512
+
+ADAPT_PARAMS = param_fields(METHODS)
+AdaptConfig = create_model(
+    "AdaptConfig",
+    __base__=_AdaptBase,
+    __module__=__name__,
+    **{key: (kind | None, None) for key, kind in ADAPT_PARAMS.items()},
+)
+
+
+class _PretrainBase(Section):
+    """Self-supervised pretraining (``tlkd pretrain``) on ``data.unlabeled``. The methods,
+    their own keys and defaults come from the registry (tlkd/ssl/registry.py)."""
+
+    method: str = "simclr"
     knn_k: PositiveInt = 20  # the k-NN monitor on the labelled data.val (leave-one-out)
+
+    @field_validator("method")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        return check_name(v, SSL_METHODS, "pretrain.method")
+
+    @model_validator(mode="after")
+    def _fits_method(self) -> _PretrainBase:
+        fill_params(self, SSL_METHODS[self.method], SSL_PARAMS, f"pretrain.method {self.method!r}")
+        return self
+
+
+SSL_PARAMS = param_fields(SSL_METHODS)
+PretrainConfig = create_model(
+    "PretrainConfig",
+    __base__=_PretrainBase,
+    __module__=__name__,
+    **{key: (kind | None, None) for key, kind in SSL_PARAMS.items()},
+)
 
 
 class SweepConfig(Section):
@@ -416,9 +433,12 @@ class Config(Section):
             for key, ref in refs:
                 if ref is not None and n and ref >= n:
                     raise ValueError(f"{key}.teacher: no teacher {ref} (there are {n})")
-        if self.train.epochs == 0 and (self.adapt is None or self.adapt.method != "adabn"):
+        if self.train.epochs == 0 and (
+            self.adapt is None or not METHODS[self.adapt.method].without_training
+        ):
+            allowed = ", ".join(k for k, e in METHODS.items() if e.without_training)
             raise ValueError(
-                "train.epochs: must be at least 1 (0, no training, is for adapt.method: adabn)"
+                f"train.epochs: must be at least 1 (0, no training, is for adapt.method: {allowed})"
             )
         if self.model.unfreeze_after is not None:
             if self.model.freeze == "none":

@@ -132,11 +132,6 @@ def unlabeled(
     return images
 
 
-def labeled_folder(path: Path, key: str) -> LabeledImages:
-    """An image folder with one sub-folder per class."""
-    return _folder(path, key)
-
-
 @dataclass
 class Splits:
     train: LabeledImages
@@ -192,10 +187,10 @@ def _sources(cfg: DataConfig) -> tuple[LabeledImages, LabeledImages | None]:
     if cfg.dataset == "digits":
         return _wrap(EmbeddedDigits("train")), _wrap(EmbeddedDigits("val"))
     if cfg.dataset == "folder":
-        val = _folder(cfg.val, "data.val") if cfg.val is not None else None
+        val = labeled_folder(cfg.val, "data.val") if cfg.val is not None else None
         if cfg.train is None:  # evaluation only: no training images
             return val.view([]), val
-        train = _folder(cfg.train, "data.train")
+        train = labeled_folder(cfg.train, "data.train")
         if val is not None and val.classes != train.classes:
             missing = sorted(set(train.classes) - set(val.classes))
             extra = sorted(set(val.classes) - set(train.classes))
@@ -214,7 +209,8 @@ def _wrap(ds: Dataset, labels_attr: str = "targets") -> LabeledImages:
     return LabeledImages(ds, targets, [str(c) for c in classes])
 
 
-def _folder(path: Path, key: str) -> LabeledImages:
+def labeled_folder(path: Path, key: str) -> LabeledImages:
+    """An image folder with one sub-folder per class; errors name the config ``key``."""
     from torchvision.datasets import ImageFolder
 
     if not path.exists():

@@ -8,7 +8,6 @@ val images are stored after the eval resize/crop (deterministic), so only normal
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import sys
@@ -22,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from tlkd.data.batch_aug import BatchAugment, normalize
 from tlkd.data.datasets import LabeledImages
+from tlkd.run.rundir import replacing
 
 CACHE_VERSION = 1
 MEMORY_FRACTION = 0.4  # of the memory available when the run starts
@@ -173,15 +173,12 @@ def load_images(
             pos += 1
     assert out is not None
     if path is not None:
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
+            # atomic: concurrent runs never read half a file
+            with replacing(path, durable=False) as tmp, open(tmp, "wb") as f:
                 np.save(f, out, allow_pickle=False)
-            os.replace(tmp, path)  # atomic: concurrent runs never read half a file
         except OSError as err:  # a full disk: the decoded images are in memory all the same
-            with contextlib.suppress(OSError):
-                tmp.unlink()
             log(f"warning: could not cache the decoded images in {path.parent}: {err.strerror}")
     return torch.from_numpy(out)
 

@@ -16,10 +16,8 @@ augmentation), so it cannot serve augmented training; this module is tlkd's own.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -31,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from tlkd.data.memory import MemoryLoader
 from tlkd.distill.teacher import Teacher
 from tlkd.engine.device import autocast
+from tlkd.run.rundir import replacing
 
 VERSION = 1
 
@@ -168,14 +167,12 @@ def _teacher_logits(loader, teacher, params, dtype, device, batch: int = 512) ->
 def _save(tensors: dict[str, torch.Tensor], file: Path) -> None:
     """Store in the cache folder; a cache that cannot be written (no folder, full disk) only
     means the next run computes again."""
-    tmp = file.with_suffix(f".{os.getpid()}.tmp")
-    try:
+    try:  # atomic: runs of a sweep may build the same bank side by side
         file.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-        os.replace(tmp, file)  # atomic: runs of a sweep may build the same bank side by side
+        with replacing(file, durable=False) as tmp:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
     except OSError:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+        pass
 
 
 class CachedViews:
@@ -218,12 +215,10 @@ def cached_value(
         return known[key], True
     value = compute()
     known[key] = value
-    tmp = file.with_suffix(f".{os.getpid()}.tmp")
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(known, indent=1))
-        os.replace(tmp, file)
+        with replacing(file, durable=False) as tmp:
+            tmp.write_text(json.dumps(known, indent=1))
     except OSError:  # not remembered: measured again next time
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+        pass
     return value, False

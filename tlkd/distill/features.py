@@ -77,36 +77,3 @@ class FeatureTap:
     def remove(self) -> None:
         for hook in self._hooks:
             hook.remove()
-
-
-class ConvReg(nn.Module):
-    """FitNet regressor as RepDistiller's ``ConvReg`` (``models/util.py``): a convolution
-    chosen by the spatial sizes, then BatchNorm and ReLU, mapping student channels to the
-    teacher's. A student map twice the teacher's: 3x3 conv, stride 2; half: 4x4 transposed
-    conv, stride 2; otherwise, at least as large: a conv with kernel ``1 + s - t`` (1x1 at the
-    same size); a smaller student map of another ratio is an error, as in the reference."""
-
-    def __init__(
-        self, student_shape: tuple[int, ...], teacher_shape: tuple[int, ...], key: str = "fitnet"
-    ) -> None:
-        super().__init__()
-        _, s_c, s_h, s_w = student_shape
-        _, t_c, t_h, t_w = teacher_shape
-        if (s_h, s_w) == (2 * t_h, 2 * t_w):
-            self.conv = nn.Conv2d(s_c, t_c, kernel_size=3, stride=2, padding=1)
-        elif (2 * s_h, 2 * s_w) == (t_h, t_w):
-            self.conv = nn.ConvTranspose2d(s_c, t_c, kernel_size=4, stride=2, padding=1)
-        elif s_h >= t_h and s_w >= t_w:
-            self.conv = nn.Conv2d(s_c, t_c, kernel_size=(1 + s_h - t_h, 1 + s_w - t_w))
-        else:
-            raise ConfigError(
-                key,
-                f"the student's {s_h}x{s_w} feature map is smaller than the teacher's "
-                f"{t_h}x{t_w} (and not half of it): the FitNet regressor cannot map it; pick "
-                "layers of matching resolution (student_layers, teacher_layers)",
-            )
-        self.bn = nn.BatchNorm2d(t_c)
-        self.relu = nn.ReLU()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.relu(self.bn(self.conv(x)))

@@ -1,7 +1,9 @@
 """The distillation objective: a weighted sum of loss terms over student and teacher outputs.
 
-It plugs into the same training loop as finetune. Regressors (FitNet) are submodules of the
-objective: the optimizer trains them with the student, checkpoints keep them, and the saved
+It plugs into the same training loop as finetune. Each loss is a registered term
+(tlkd/distill/registry.py); the objective only routes inputs by what a term takes (labels,
+logits or feature maps). Terms are submodules of the objective, so their trainable parts
+(FitNet's regressors) train with the student and checkpoints keep them, while the saved
 student weights (the model alone) do not contain them. Teachers are deliberately not
 submodules, so they are neither optimised nor written into checkpoints.
 
@@ -17,20 +19,18 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tlkd.config.schema import LossConfig, TaskConfig
-from tlkd.distill import losses as L
-from tlkd.distill.features import ConvReg, FeatureTap, Layer, resolve_layers
+from tlkd.distill.features import FeatureTap, Layer, resolve_layers
+from tlkd.distill.losses.ensemble import ensemble_logits
+from tlkd.distill.registry import LOSSES
 from tlkd.distill.teacher import Teacher
 from tlkd.engine import distributed
 from tlkd.engine.inference import topk_accuracy
 from tlkd.engine.objectives import Objective, StepOutput
 from tlkd.errors import ConfigError
 
-LOGIT_LOSSES = {"kd", "hard", "dkd", "dist"}
-FEATURE_LOSSES = {"fitnet", "at"}
 # train_teacher_top1 this many points under the teacher's val top-1: warn about augmentation
 VIEW_GAP_WARNING = 15.0
 
@@ -73,17 +73,21 @@ class Distillation(Objective):
             torch.tensor([classes.index(c) for c in t.classes], device=device) for t in self.tasks
         ]
         self.names = _part_names(losses)
+        self.entries = [LOSSES[loss.type] for loss in losses]
+        self.terms = nn.ModuleList(
+            entry.load()(loss) for entry, loss in zip(self.entries, losses, strict=True)
+        )
         self.device = device
         # per (teacher, task or None): which of the teacher's logits, in the student's order
         self.class_index: dict[tuple[int, int | None], torch.Tensor | None] = {}
         self._check_classes(classes)
         # feature layers: per loss, which student/teacher layers pair up
         self.pairs: dict[int, tuple[list[Layer], list[Layer], int]] = {}
-        for i, loss in enumerate(losses):
-            if loss.type in FEATURE_LOSSES:
+        for i, (loss, entry) in enumerate(zip(losses, self.entries, strict=True)):
+            if entry.inputs == "features":
                 t = loss.teacher or 0
                 key = f"distill.losses.{i}"
-                hint = loss.type == "fitnet"
+                hint = entry.hint_layer
                 s_layers = resolve_layers(model, loss.student_layers, f"{key}.student_layers", hint)
                 t_layers = resolve_layers(
                     teachers[t].model, loss.teacher_layers, f"{key}.teacher_layers", hint
@@ -103,9 +107,8 @@ class Distillation(Objective):
         for t, layers in enumerate(self.teacher_layers):
             if layers:
                 teachers[t].use_layers(layers)
-        self.adapters = nn.ModuleDict()
-        if any(loss.type == "fitnet" for loss in losses):
-            self._build_adapters(model, image_size, device)
+        if any(hasattr(self.terms[i], "build") for i in self.pairs):
+            self._build_terms(model, image_size, device)
         used = {t for loss in losses for t in self._teachers_of(loss)}
         used |= {task.teacher for task in self.tasks}
         self.uses_teacher = [t in used for t in range(len(teachers))]
@@ -128,9 +131,10 @@ class Distillation(Objective):
         self._reset_counts()
 
     def _teachers_of(self, loss: LossConfig) -> list[int]:
-        if loss.type == "ce":
+        inputs = LOSSES[loss.type].inputs
+        if inputs == "labels":
             return []
-        if loss.type in FEATURE_LOSSES:
+        if inputs == "features":
             return [loss.teacher or 0]
         if self.tasks:
             return [task.teacher for task in self.tasks]
@@ -139,15 +143,16 @@ class Distillation(Objective):
     def _check_classes(self, classes: list[str]) -> None:
         """Logit losses need teachers that predict the student's classes (per task: the
         task's classes), or a superset of them matched by name."""
-        for i, loss in enumerate(self.losses):
-            if loss.type not in LOGIT_LOSSES:
+        for i, (loss, entry) in enumerate(zip(self.losses, self.entries, strict=True)):
+            if entry.inputs != "logits":
                 continue
             if self.tasks:
-                if loss.type == "dkd" or loss.teacher is not None:
+                if entry.needs_labels or loss.teacher is not None:
+                    why = "reads the labels" if entry.needs_labels else "with a teacher index"
                     raise ConfigError(
                         f"distill.losses.{i}",
-                        f"{loss.type} with a teacher index or dkd "
-                        "does not combine with distill.tasks (each task has its teacher)",
+                        f"{loss.type} {why} does not combine with distill.tasks "
+                        "(each task has its teacher)",
                     )
                 targets = [
                     (task.teacher, j, task.classes, f"distill.tasks.{j}")
@@ -171,7 +176,10 @@ class Distillation(Objective):
                 self.class_index[(t, task)] = _index_tensor(idx, self.device)
 
     @torch.no_grad()
-    def _build_adapters(self, model: nn.Module, image_size: int, device: torch.device) -> None:
+    def _build_terms(self, model: nn.Module, image_size: int, device: torch.device) -> None:
+        """Terms with trainable parts (``build``) get the paired feature shapes. A probe
+        forward finds them: a layer may be any named module, whose output shape no metadata
+        gives (timm's feature_info has channels and strides of stages only)."""
         probe = torch.zeros(2, 3, image_size, image_size, device=device)
         was_training = model.training
         model.eval()
@@ -179,17 +187,16 @@ class Distillation(Objective):
         model.train(was_training)
         s_by_layer = dict(zip(self.student_layers, s_feats, strict=True))
         for i, (s_layers, t_layers, t) in self.pairs.items():
-            if self.losses[i].type != "fitnet":
+            if not hasattr(self.terms[i], "build"):
                 continue
             _, t_feats = self.teachers[t](probe)
             t_by_layer = dict(zip(self.teacher_layers[t], t_feats, strict=True))
-            for j, (sl, tl) in enumerate(zip(s_layers, t_layers, strict=True)):
-                s, tt = s_by_layer[sl], t_by_layer[tl]
-                if s.dim() != 4 or tt.dim() != 4:
-                    raise ConfigError(f"distill.losses.{i}", "fitnet needs NCHW feature maps")
-                self.adapters[f"{i}_{j}"] = ConvReg(
-                    tuple(s.shape), tuple(tt.shape), f"distill.losses.{i}"
-                ).to(device)
+            self.terms[i].build(
+                [tuple(s_by_layer[lay].shape) for lay in s_layers],
+                [tuple(t_by_layer[lay].shape) for lay in t_layers],
+                f"distill.losses.{i}",
+            )
+            self.terms[i].to(device)
 
     def forward(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> StepOutput:
         if self.student_tap is not None:
@@ -206,50 +213,39 @@ class Distillation(Objective):
         total = logits.new_zeros((), dtype=torch.float32)
         parts: dict[str, torch.Tensor] = {}
         for i, loss in enumerate(self.losses):
-            value = self._term(i, loss, logits, s_feat, t_out, targets)
+            value = self._term(i, loss, logits, s_feat, t_out, targets) * self.warmup_factor(loss)
             parts[self.names[i]] = value.detach()
             total = total + loss.weight * value
         return StepOutput(total, logits, parts)
 
     def _term(self, i, loss, logits, s_feat, t_out, targets) -> torch.Tensor:
-        logits = logits.float()
-        if loss.type == "ce":  # labelled rows only (data.unlabeled images come with -1)
+        logits, term, entry = logits.float(), self.terms[i], self.entries[i]
+        if entry.inputs == "labels":  # labelled rows only (data.unlabeled images come with -1)
             labelled = targets >= 0
-            return F.cross_entropy(
-                logits[labelled], targets[labelled], label_smoothing=loss.label_smoothing
-            )
-        if loss.type in FEATURE_LOSSES:
+            return term(logits[labelled], targets[labelled])
+        if entry.inputs == "features":
             s_layers, t_layers, t = self.pairs[i]
             t_by_layer = dict(zip(self.teacher_layers[t], t_out[t][1], strict=True))
-            s = [s_feat[lay].float() for lay in s_layers]
-            tt = [t_by_layer[lay].float() for lay in t_layers]
-            if loss.type == "at":
-                return L.at_loss(s, tt, loss.p)
-            s = [self.adapters[f"{i}_{j}"](x) for j, x in enumerate(s)]
-            return L.fitnet_loss(s, tt)
+            return term(
+                [s_feat[lay].float() for lay in s_layers],
+                [t_by_layer[lay].float() for lay in t_layers],
+            )
         if self.tasks:  # each task: its slice of the student's logits, its own teacher
             values = [
                 self._logit_term(
-                    loss,
-                    logits[:, idx],
-                    [self._teacher_logits(t_out, task.teacher, j)],
-                    [1.0],
-                    None,
+                    i, logits[:, idx], [self._teacher_logits(t_out, task.teacher, j)], [1.0], None
                 )
                 for j, (task, idx) in enumerate(zip(self.tasks, self.task_index, strict=True))
             ]
             return torch.stack(values).mean()
         ids = self._teachers_of(loss)
-        value = self._logit_term(
-            loss,
+        return self._logit_term(
+            i,
             logits,
             [self._teacher_logits(t_out, t, None) for t in ids],
             [self.teacher_weights[t] for t in ids],
             targets,
         )
-        if loss.type == "dkd":
-            value = value * self.warmup_factor(loss)
-        return value
 
     def _teacher_logits(self, t_out, t: int, task: int | None) -> torch.Tensor:
         """Teacher ``t``'s logits for the student's classes (or task ``task``'s), in order."""
@@ -258,25 +254,20 @@ class Distillation(Objective):
         return logits if idx is None else logits[:, idx]
 
     def warmup_factor(self, loss: LossConfig) -> float:
-        """dkd's linear warm-up as mdistiller: ``min(epoch / warmup_epochs, 1)``, epochs
-        counted from 1 (the epoch the trainer announced with :meth:`start_epoch`)."""
-        if not loss.warmup_epochs or self.epoch is None:
+        """The linear warm-up of a loss with ``warmup_epochs`` (dkd, as mdistiller):
+        ``min(epoch / warmup_epochs, 1)``, epochs counted from 1 (the epoch the trainer
+        announced with :meth:`start_epoch`)."""
+        warmup = getattr(loss, "warmup_epochs", None)
+        if not warmup or self.epoch is None:
             return 1.0
-        return min(self.epoch / loss.warmup_epochs, 1.0)
+        return min(self.epoch / warmup, 1.0)
 
-    @staticmethod
-    def _logit_term(loss, student, teacher_logits, weights, targets) -> torch.Tensor:
+    def _logit_term(self, i, student, teacher_logits, weights, targets) -> torch.Tensor:
         # several teachers: one target, the weighted mean of their softened probabilities at
-        # this loss's temperature (hard: at T=1), the same rule for every logit loss
-        temperature = loss.temperature if loss.temperature is not None else 1.0
-        teacher = L.ensemble_logits(teacher_logits, weights, temperature)
-        if loss.type == "kd":
-            return L.kd_loss(student, teacher, loss.temperature)
-        if loss.type == "hard":
-            return L.hard_loss(student, teacher)
-        if loss.type == "dkd":
-            return L.dkd_loss(student, teacher, targets, loss.alpha, loss.beta, loss.temperature)
-        return L.dist_loss(student, teacher, loss.beta, loss.gamma, loss.temperature)
+        # this loss's temperature (T=1 for a loss without one), the same rule for every loss
+        temperature = getattr(self.losses[i], "temperature", None) or 1.0
+        teacher = ensemble_logits(teacher_logits, weights, temperature)
+        return self.terms[i](student, teacher, targets if self.entries[i].needs_labels else None)
 
     # -- the teacher on the training views (train_teacher_top1) --
 

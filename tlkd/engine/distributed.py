@@ -112,13 +112,12 @@ class GlobalBatchSampler(Sampler[int]):
         size: int,
         batch_size: int,
         seed: int,
-        shuffle: bool = True,
         drop_last: bool = True,
         world: int = 1,
         rank: int = 0,
     ) -> None:
         self.size, self.batch_size, self.seed = size, batch_size, seed
-        self.shuffle, self.drop_last = shuffle, drop_last and size >= batch_size
+        self.drop_last = drop_last and size >= batch_size
         self.world, self.rank = world, rank
         self.local = batch_size // world
         self.epoch = 0
@@ -127,8 +126,6 @@ class GlobalBatchSampler(Sampler[int]):
         self.epoch = epoch
 
     def _order(self) -> list[int]:
-        if not self.shuffle:
-            return list(range(self.size))
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         return torch.randperm(self.size, generator=g).tolist()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from timm.utils import accuracy
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -33,15 +34,15 @@ def predict(
 
 
 def topk_accuracy(logits: torch.Tensor, targets: torch.Tensor, k: int) -> float:
-    """Percent of rows whose target is among the ``k`` highest scores."""
-    k = min(k, logits.shape[1])
-    hits = (logits.topk(k, dim=1).indices == targets[:, None]).any(dim=1)
-    return 100.0 * hits.float().mean().item()
+    """Percent of rows whose target is among the ``k`` highest scores (all of them when
+    there are fewer than ``k`` classes): timm's ``accuracy``."""
+    return accuracy(logits, targets, topk=(k,))[0].item()
 
 
 def classification_metrics(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    top1, top5 = accuracy(logits, targets, topk=(1, 5))  # one top-k pass for both
     return {
         "loss": F.cross_entropy(logits, targets).item(),
-        "top1": topk_accuracy(logits, targets, 1),
-        "top5": topk_accuracy(logits, targets, 5),
+        "top1": top1.item(),
+        "top5": top5.item(),
     }

@@ -103,10 +103,6 @@ class Trainer:
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(trainable, device_ids=ids)
 
-    @property
-    def updates_per_epoch(self) -> int:
-        return math.ceil(len(self.train_loader) / self.cfg.accum_steps)
-
     def fit(self, start_epoch: int = 1) -> FitResult:
         t0 = time.perf_counter() - self.result.wall_time_s
         self._t0 = t0

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +23,7 @@ from torch import nn
 
 from tlkd.engine import distributed
 from tlkd.engine.device import autocast
+from tlkd.run.rundir import replacing
 
 MARGIN = 1.10  # a candidate must be this much faster than the plain setting to be chosen
 
@@ -164,9 +164,8 @@ def _write(cache_dir: Path | None, key: str, chosen: tuple[str, bool]) -> None:
     known[key] = list(chosen)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = cache_dir / f"{TUNE_FILE}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(known, indent=1))
-        os.replace(tmp, cache_dir / TUNE_FILE)
+        with replacing(cache_dir / TUNE_FILE, durable=False) as tmp:
+            tmp.write_text(json.dumps(known, indent=1))
     except OSError:  # a read-only cache: measure again next time
         pass
 

@@ -23,7 +23,6 @@ from tlkd.errors import ConfigError, TlkdError
 from tlkd.models.head import classifier_name, replace_head
 
 WEIGHTS_FILE = "model.safetensors"
-WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 
 
 HUB_PROBE_TIMEOUT_S = 3.0

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+from timm.layers import get_act_layer
 from torch import nn
 
 from tlkd.config.schema import HeadConfig
 from tlkd.errors import ConfigError
-
-_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
 
 def classifier_name(model: nn.Module) -> str:
@@ -18,6 +17,14 @@ def classifier_name(model: nn.Module) -> str:
     if not name:
         raise ConfigError("model.name", "timm does not record this model's classifier module")
     return name
+
+
+def feature_width(model: nn.Module) -> int:
+    """Width of the feature vector the classifier reads, which is what the model returns
+    with ``num_classes=0``: timm's ``head_hidden_size``. Not ``num_features`` (the width
+    before the head), which is narrower where the head has a layer of its own before the
+    classifier (MobileNetV3/V4, GhostNet, EfficientViT, HGNetV2)."""
+    return int(getattr(model, "head_hidden_size", None) or model.num_features)
 
 
 def replace_head(model: nn.Module, head: HeadConfig, num_classes: int) -> None:
@@ -33,7 +40,7 @@ def replace_head(model: nn.Module, head: HeadConfig, num_classes: int) -> None:
     layers: list[nn.Module] = []
     width = old.in_features
     for hidden in head.hidden:
-        layers += [nn.Linear(width, hidden), _ACTIVATIONS[head.activation]()]
+        layers += [nn.Linear(width, hidden), get_act_layer(head.activation)()]
         if head.dropout:
             layers.append(nn.Dropout(head.dropout))
         width = hidden

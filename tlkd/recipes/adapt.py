@@ -7,33 +7,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from tlkd.adapt.data import PairedLoader
-from tlkd.adapt.objectives import DANN, AdaBN, PseudoLabel
+from tlkd.adapt.registry import METHODS
 from tlkd.config.schema import Config
 from tlkd.data.datasets import labeled_folder, unlabeled
 from tlkd.data.pipeline import extra_loader
 from tlkd.engine.progress import Reporter
 from tlkd.errors import ConfigError
 from tlkd.recipes.common import build_experiment, subset_seed, train
-
-
-@torch.no_grad()
-def classifier_inputs(model: torch.nn.Module, size: int, device: torch.device) -> int:
-    """Width of the feature vector the model's classifier reads (any timm model or head)."""
-    seen: list[int] = []
-    hook = model.get_classifier().register_forward_hook(
-        lambda _m, inputs, _o: seen.append(inputs[0].shape[-1])
-    )
-    was = model.training
-    model.eval()
-    try:
-        model(torch.zeros(1, 3, size, size, device=device))
-    finally:
-        hook.remove()
-        model.train(was)
-    return seen[0]
 
 
 def adapt(
@@ -47,7 +28,7 @@ def adapt(
     a = cfg.adapt
     if a is None:
         raise ConfigError(
-            "adapt", "tlkd adapt needs an adapt: section (method: adabn|pseudo_label|dann)"
+            "adapt", f"tlkd adapt needs an adapt: section (method: {'|'.join(METHODS)})"
         )
     if cfg.teacher_list or cfg.distill is not None:
         raise ConfigError(
@@ -75,46 +56,22 @@ def adapt(
                 "adapt.source_val", f"has classes {source.classes}, not {exp.classes}"
             )
         source_val = extra_loader(cfg, source, exp.model_cfg, exp.device, train=False, **opts)
+    method = METHODS[a.method].load()
     stats = None
-    if a.method == "adabn" or a.target_bn:  # the target's BatchNorm statistics before val
+    if method.uses_target_stats(a):  # the target's BatchNorm statistics before val
         stats = extra_loader(cfg, target, exp.model_cfg, exp.device, train=False, **opts)
-    if a.method == "adabn":
-        objective = AdaBN(a, source_val, runtime, stats)
-    else:
+    if method.trains_on_target:
         target_train = extra_loader(
             cfg, target, exp.model_cfg, exp.device, train=True,
             generator=exp.loaders.train.generator, **opts,
         )  # fmt: skip
         exp.loaders.train = PairedLoader(exp.loaders.train, target_train)
-        if a.method == "pseudo_label":
-            objective = PseudoLabel(a, source_val, runtime, stats)
-        else:
-            features = classifier_inputs(exp.model, cfg.data.image_size, exp.device)
-            objective = DANN(a, source_val, runtime, stats, exp.model, features)
+    objective = method(a, source_val, runtime, stats, exp.model)
     plan = [
         f"adapt       {a.method}: {len(exp.splits.train):,} source images, {len(target):,} "
         f"unlabelled target images ({cfg.data.unlabeled}), target val {len(exp.splits.val):,}"
         + (f", source val {a.source_val}" if a.source_val else " (no adapt.source_val)"),
+        *method.plan_lines(a, cfg.train.epochs),
     ]
-    if a.method != "adabn":
-        plan.append(
-            "batchnorm   "
-            + (
-                "per domain in training (adapt.target_bn: true, the per-domain-BN variant); "
-                "re-estimated on the target before every validation"
-                if a.target_bn
-                else "one batch of source and target images, shared statistics "
-                f"(plain {'DANN' if a.method == 'dann' else 'pseudo-labelling'}; "
-                "adapt.target_bn: false)"
-            )
-        )
-    if a.method == "dann":
-        span = max(cfg.train.epochs - a.warmup_epochs, 0)
-        plan.append(
-            "grl         Ganin's lambda = 2/(1+exp(-10 p)) - 1 per step, p from 0 to 1 over "
-            f"the {span} epochs after {a.warmup_epochs} warm-up"
-        )
-    extra = {"adapt": a.method, "target_images": len(target)}
-    if a.method != "adabn":
-        extra["target_bn"] = a.target_bn
+    extra = {"adapt": a.method, "target_images": len(target), **method.summary_fields(a)}
     return train(exp, objective, "adapt", reporter, dry_run, plan, extra, resume)

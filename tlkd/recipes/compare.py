@@ -33,12 +33,13 @@ def mean_std(values: list[float]) -> str:
 
 
 def over_seeds(members: list[dict[str, Any]], metric: str) -> str:
-    """Mean ± std over distinct seeds. Runs repeating a seed are averaged into that seed first:
-    a repeat is not another seed, and one seed has no seed std."""
+    """Mean ± std of ``metric`` over distinct seeds (compare's groups, sweep's grid cells).
+    Runs repeating a seed are averaged into that seed first: a repeat is not another seed, and
+    one seed has no seed std. A member without a ``seed`` counts as seed None."""
     per_seed: dict[str, list[float]] = {}
     for m in members:
         if m[metric] is not None:
-            per_seed.setdefault(json.dumps(m["seed"]), []).append(m[metric])
+            per_seed.setdefault(json.dumps(m.get("seed")), []).append(m[metric])
     return mean_std([statistics.mean(values) for values in per_seed.values()])
 
 

@@ -21,7 +21,8 @@ from tlkd.distill.cache import (
     digest,
     teacher_digest,
 )
-from tlkd.distill.objective import FEATURE_LOSSES, Distillation, class_index
+from tlkd.distill.objective import Distillation, class_index
+from tlkd.distill.registry import LOSSES
 from tlkd.distill.teacher import Teacher, build_teacher
 from tlkd.engine.device import autocast
 from tlkd.engine.distributed import gather_cat
@@ -121,8 +122,10 @@ def _add_unlabeled(cfg: Config, exp, reporter) -> str:
     if cfg.distill.cache is not None:
         raise ConfigError("distill.cache", "does not cover data.unlabeled images; drop one")
     for i, loss in enumerate(cfg.distill.losses):
-        if loss.type == "dkd":
-            raise ConfigError(f"distill.losses.{i}", "dkd needs labels: not with data.unlabeled")
+        if LOSSES[loss.type].needs_labels:
+            raise ConfigError(
+                f"distill.losses.{i}", f"{loss.type} reads the labels: not with data.unlabeled"
+            )
     images = unlabeled(cfg.data.unlabeled, cfg.data.unlabeled_limit, subset_seed(cfg))
     extra = extra_loader(
         cfg, images, exp.model_cfg, exp.device, train=True, in_memory=exp.loaders.in_memory,
@@ -142,7 +145,7 @@ def _use_cache(cfg: Config, exp, teachers: list[Teacher], objective, reporter) -
             "distill.cache", f"needs the in-memory data path; this run uses {exp.loaders.note}"
         )
     for i, loss in enumerate(cfg.distill.losses):
-        if loss.type in FEATURE_LOSSES:
+        if LOSSES[loss.type].inputs == "features":
             raise ConfigError(
                 f"distill.losses.{i}",
                 f"{loss.type} needs the teacher's feature maps, which distill.cache does not "

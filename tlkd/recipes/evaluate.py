@@ -11,13 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel
 from torch import nn
 
 from tlkd.config.loader import load_config, resolved_dict
 from tlkd.engine.device import autocast
-from tlkd.engine.inference import predict, topk_accuracy
+from tlkd.engine.inference import classification_metrics, predict
 from tlkd.engine.progress import Reporter
 from tlkd.errors import ConfigError
 from tlkd.models.factory import count_params
@@ -174,6 +173,7 @@ def evaluate(
         for i, c in enumerate(exp.classes)
     }
     total, trainable = count_params(exp.model)
+    scores = classification_metrics(logits, targets)
     results: dict[str, Any] = {
         "target": str(path),
         "model": cfg.model.name,
@@ -183,9 +183,9 @@ def evaluate(
         "data_path": exp.loaders.note,
         "precision": cfg.train.precision,
         "channels_last": cfg.train.channels_last,
-        "top1": topk_accuracy(logits, targets, 1),
-        "top5": topk_accuracy(logits, targets, 5),
-        "loss": F.cross_entropy(logits, targets).item(),
+        "top1": scores["top1"],
+        "top5": scores["top5"],
+        "loss": scores["loss"],
         "ece": expected_calibration_error(probs, targets),
         "per_class_top1": per_class,
         "confusion": matrix.tolist(),

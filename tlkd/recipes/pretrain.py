@@ -7,15 +7,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from tlkd.config.schema import Config, PretrainConfig
 from tlkd.data.datasets import unlabeled
 from tlkd.data.pipeline import extra_loader
 from tlkd.engine.progress import Reporter
 from tlkd.errors import ConfigError
+from tlkd.models.head import feature_width
 from tlkd.recipes.common import build_experiment, subset_seed, train
-from tlkd.ssl.simclr import SimCLR, TwoViews
+from tlkd.ssl.registry import METHODS as SSL_METHODS
+from tlkd.ssl.simclr import TwoViews
 
 
 def pretrain(
@@ -53,18 +53,14 @@ def pretrain(
         two_views=True,
     )  # fmt: skip
     exp.loaders.train = TwoViews(loader)
-    with torch.no_grad():
-        was = exp.model.training
-        exp.model.eval()
-        size = cfg.data.image_size
-        features = exp.model(torch.zeros(1, 3, size, size, device=exp.device)).shape[-1]
-        exp.model.train(was)
-    objective = SimCLR(features, cfg.pretrain)
+    features = feature_width(exp.model)  # the backbone's output width (no classifier)
     p = cfg.pretrain
+    method = SSL_METHODS[p.method].load()
+    objective = method(features, p)
     plan = [
         f"pretrain    {p.method} on {len(images):,} unlabelled images ({cfg.data.unlabeled}), "
-        f"two views each; projection {features}->{p.proj_hidden}->{p.proj_dim}, "
-        f"temperature {p.temperature:g}; k-NN (k={p.knn_k}) on {len(exp.splits.val):,} val images"
+        f"two views each; {method.plan_line(p, features)}; k-NN (k={p.knn_k}) on "
+        f"{len(exp.splits.val):,} val images"
     ]
     extra = {"pretrain": p.method, "unlabeled_images": len(images), "feature_dim": features}
     return train(exp, objective, "pretrain", reporter, dry_run, plan, extra, resume)

@@ -25,7 +25,7 @@ from tlkd.config.loader import load_config
 from tlkd.config.schema import Config
 from tlkd.engine.progress import Reporter
 from tlkd.errors import ConfigError, TlkdError
-from tlkd.recipes.compare import mean_std
+from tlkd.recipes.compare import over_seeds
 from tlkd.recipes.modes import mode_of, recipe
 from tlkd.run.rundir import SUMMARY, write_json, write_text
 
@@ -189,14 +189,12 @@ def _groups(rows: list[dict[str, Any]], grid: dict[str, list[Any]]) -> list[dict
         groups.setdefault(json.dumps([row[k] for k in keys]), []).append(row)
     out = []
     for members in groups.values():
-        finals = [m["final_val_top1"] for m in members if m["final_val_top1"] is not None]
-        bests = [m["best_val_top1"] for m in members if m["best_val_top1"] is not None]
         out.append(
             {
                 **{k: members[0][k] for k in keys},
                 "runs": len(members),
-                "final_val_top1": mean_std(finals),
-                "best_val_top1": mean_std(bests),
+                "final_val_top1": over_seeds(members, "final_val_top1"),
+                "best_val_top1": over_seeds(members, "best_val_top1"),
             }
         )
     return out

@@ -9,8 +9,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -30,32 +31,45 @@ CURVES = "curves.png"
 EVAL = "eval.json"
 
 
-def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write ``path`` through ``write(file)`` into a temp file, fsync, then rename over it.
-    An OSError (a full disk, a folder gone read-only) becomes one TlkdError line naming the
-    file; the file it would have replaced is untouched."""
+@contextlib.contextmanager
+def replacing(path: Path, durable: bool = True) -> Iterator[Path]:
+    """The one atomic write: yields a fresh temporary path in ``path``'s folder for the body
+    to write (``open``, ``torch.save``, ``np.save``, ``safetensors``), then renames it over
+    ``path``, so readers see the old file or the new one, never half of one. On any error the
+    temporary file is removed and the error (an OSError as it is) propagates; ``path`` is
+    untouched. ``durable``: fsync the file before and its folder after the rename (run files;
+    caches, which are rebuilt when lost, skip it)."""
+    # a name no other writer (process or thread) picks; the body creates the file, with the
+    # permissions any new file gets (umask)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as err:
-        raise write_error(path, err) from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        if durable:
+            _fsync(tmp)
         os.replace(tmp, path)
-    except BaseException as err:
+    except BaseException:
         with contextlib.suppress(OSError):
-            Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            raise write_error(path, err) from None
+            tmp.unlink(missing_ok=True)
         raise
+    if durable:
+        _fsync(path.parent)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write ``path`` through ``write(file)`` (see :func:`replacing`). An OSError (a full
+    disk, a folder gone read-only) becomes one TlkdError line naming the file; the file it
+    would have replaced is untouched."""
+    try:
+        with replacing(path) as tmp, open(tmp, "wb") as f:
+            write(f)
     except OSError as err:
         raise write_error(path, err) from None
 
@@ -175,10 +189,3 @@ class RunDir:
             f"{self.path}: no usable checkpoint to resume from"
             + (f" ({'; '.join(errors)})" if errors else "")
         )
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    file = path / METRICS
-    if not file.is_file():
-        return []
-    return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]

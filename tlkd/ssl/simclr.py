@@ -93,6 +93,13 @@ class SimCLR(Objective):
             nn.Linear(cfg.proj_hidden, cfg.proj_dim),
         )
 
+    @classmethod
+    def plan_line(cls, cfg: PretrainConfig, features: int) -> str:
+        return (
+            f"projection {features}->{cfg.proj_hidden}->{cfg.proj_dim}, "
+            f"temperature {cfg.temperature:g}"
+        )
+
     def forward(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> StepOutput:
         feats = model(images)
         loss = nt_xent(self.projector(feats.float()), self.cfg.temperature)

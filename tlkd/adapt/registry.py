@@ -1,0 +1,47 @@
+"""The adaptation-method registry (``adapt.method``): plain data, read by the schema for the
+method's keys and defaults (tlkd/config/registry.py). Adding a method is one file with its
+objective (a ``DomainObjective``, tlkd/adapt/objectives.py) and one entry here; the objective
+class says how the run is wired (``trains_on_target``, ``uses_target_stats``, its plan lines
+and summary fields), so the adapt recipe has no per-method code."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from pydantic import Field, NonNegativeInt, PositiveInt
+
+from tlkd.config.registry import Entry
+
+
+@dataclass(frozen=True)
+class MethodEntry(Entry):
+    # adapts without training (train.epochs: 0 allowed): e.g. BatchNorm statistics only
+    without_training: bool = False
+
+
+Probability = Annotated[float, Field(gt=0.0, le=1.0)]
+# source-only epochs before the target term starts
+WARMUP = (NonNegativeInt, 0)
+# false (the papers' method, e.g. plain DANN): source and target images share one batch and
+# its BatchNorm statistics; true: the per-domain-BN variant (BatchNorm per domain in training,
+# re-estimated on the target before validation)
+TARGET_BN = (bool, False)
+
+METHODS: dict[str, MethodEntry] = {
+    "adabn": MethodEntry(
+        "tlkd.adapt.objectives:AdaBN",
+        "AdaBN (Li et al. 2016): BatchNorm statistics re-estimated on the target",
+        without_training=True,
+    ),
+    "pseudo_label": MethodEntry(
+        "tlkd.adapt.objectives:PseudoLabel",
+        "self-training on confident target predictions (Lee 2013)",
+        {"threshold": (Probability, 0.95), "warmup_epochs": WARMUP, "target_bn": TARGET_BN},
+    ),
+    "dann": MethodEntry(
+        "tlkd.adapt.objectives:DANN",
+        "domain-adversarial training (Ganin & Lempitsky 2015)",
+        {"hidden": (PositiveInt, 256), "warmup_epochs": WARMUP, "target_bn": TARGET_BN},
+    ),
+}

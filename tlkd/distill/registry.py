@@ -1,0 +1,80 @@
+"""The distillation-loss registry: one entry per loss type, what it needs and what it takes.
+
+The table is plain data (tlkd/config/registry.py), so the config schema builds
+``distill.losses``' fields, choices and defaults from it; each entry names the class that
+implements the loss, imported when a run builds it. As torchdistill registers its losses by
+name, adding a loss is one file under ``tlkd/distill/losses/`` (an ``nn.Module`` built from
+the loss's config) and one entry here; the objective has no per-type code.
+
+A term gets, by ``inputs``:
+
+- ``labels``: ``term(student_logits, targets)``, labelled rows only;
+- ``logits``: ``term(student_logits, teacher_logits, targets)``, the teacher's logits for the
+  student's classes (several teachers: their ensemble at the term's ``temperature``, see
+  tlkd/distill/losses/ensemble.py); ``targets`` is given when the entry ``needs_labels``;
+- ``features``: ``term(student_maps, teacher_maps)``, paired lists of feature maps of the
+  chosen ``student_layers`` / ``teacher_layers``; ``term.build(student_shapes, teacher_shapes)``
+  first, once, for trainable parts (regressors), which then train with the student.
+
+A term whose config has ``warmup_epochs`` is ramped by the objective, ``x min(epoch / n, 1)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat
+
+from tlkd.config.registry import Entry
+
+
+@dataclass(frozen=True)
+class LossEntry(Entry):
+    inputs: Literal["labels", "logits", "features"] = "logits"
+    needs_labels: bool = False  # a logit loss that also reads the ground truth (dkd)
+    hint_layer: bool = False  # features: default one hint layer (FitNet), else the last 3 stages
+
+
+Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+LOSSES: dict[str, LossEntry] = {
+    "ce": LossEntry(
+        "tlkd.distill.losses.ce:CE", "cross-entropy on the labels",
+        {"label_smoothing": (Fraction, 0.0)}, inputs="labels",
+    ),
+    "kd": LossEntry(
+        "tlkd.distill.losses.kd:KD", "softmax distillation (Hinton et al. 2015)",
+        {"temperature": (PositiveFloat, 4.0)},
+    ),
+    "hard": LossEntry(
+        "tlkd.distill.losses.hard:Hard", "cross-entropy on the teacher's top class",
+    ),
+    "dkd": LossEntry(
+        "tlkd.distill.losses.dkd:DKD", "decoupled KD (Zhao et al. 2022, mdistiller)",
+        {
+            "temperature": (PositiveFloat, 4.0),
+            "alpha": (NonNegativeFloat, 1.0),
+            "beta": (NonNegativeFloat, 8.0),
+            "warmup_epochs": (NonNegativeInt, 20),  # mdistiller's linear ramp; 0: none
+        },
+        needs_labels=True,
+    ),
+    "dist": LossEntry(
+        "tlkd.distill.losses.dist:DIST", "DIST (Huang et al. 2022)",
+        {
+            "temperature": (PositiveFloat, 1.0),
+            "beta": (NonNegativeFloat, 1.0),
+            "gamma": (NonNegativeFloat, 1.0),
+        },
+    ),
+    "fitnet": LossEntry(
+        "tlkd.distill.losses.fitnet:FitNet",
+        "FitNet hints (Romero et al. 2015, RepDistiller ConvReg)", inputs="features",
+        hint_layer=True,
+    ),
+    "at": LossEntry(
+        "tlkd.distill.losses.at:AT", "attention transfer (Zagoruyko & Komodakis 2017)",
+        {"p": (PositiveFloat, 2.0)}, inputs="features",
+    ),
+}  # fmt: skip
