@@ -22,12 +22,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/tlkd finetune configs/demo.yaml
 
+# one test process per core (pytest-xdist); each test process uses one thread
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check tlkd tests
-	$(VENV)/bin/ruff format --check tlkd tests
+	$(VENV)/bin/ruff check tlkd tests bench
+	$(VENV)/bin/ruff format --check tlkd tests bench
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

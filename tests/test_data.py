@@ -174,7 +174,7 @@ def test_transforms_give_the_configured_size(squares):
 def test_subset_seed_fixes_the_picks_across_run_seeds(tmp_path, squares):
     from conftest import small_config
 
-    from tlkd.recipes.common import build_experiment
+    from tlkd.recipes.build import build_experiment
 
     def picks(seed: int, subset_seed: int | None = None) -> set[bytes]:
         data = {"samples_per_class": 3, "subset_seed": subset_seed}
@@ -188,7 +188,7 @@ def test_subset_seed_fixes_the_picks_across_run_seeds(tmp_path, squares):
 def _loaders(tmp_path, squares, in_memory, **augment):
     from conftest import small_config
 
-    from tlkd.recipes.common import build_experiment
+    from tlkd.recipes.build import build_experiment
 
     data = {"in_memory": in_memory, "cache_dir": str(tmp_path / "cache")}
     if augment:

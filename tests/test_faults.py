@@ -42,7 +42,7 @@ def _no_building(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("data were built before output_dir was checked")
 
-    monkeypatch.setattr("tlkd.recipes.common.build_splits", refuse)
+    monkeypatch.setattr("tlkd.recipes.build.build_splits", refuse)
 
 
 @pytest.mark.parametrize("dry_run", [False, True])

@@ -7,14 +7,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tlkd.adapt.data import PairedLoader
 from tlkd.adapt.registry import METHODS
 from tlkd.config.schema import Config
 from tlkd.data.datasets import labeled_folder, unlabeled
+from tlkd.data.paired import PairedLoader
 from tlkd.data.pipeline import extra_loader
 from tlkd.engine.progress import Reporter
 from tlkd.errors import ConfigError
-from tlkd.recipes.common import build_experiment, subset_seed, train
+from tlkd.recipes.build import build_experiment, subset_seed
+from tlkd.recipes.runner import train
 
 
 def adapt(

@@ -7,10 +7,10 @@ from typing import Any
 
 import torch
 
-from tlkd.adapt.data import PairedLoader
 from tlkd.config.schema import Config, DistillConfig
 from tlkd.data.datasets import unlabeled
 from tlkd.data.memory import MemoryLoader, usable_cache_dir
+from tlkd.data.paired import PairedLoader
 from tlkd.data.pipeline import extra_loader
 from tlkd.distill.cache import (
     CachedTeacher,
@@ -28,10 +28,11 @@ from tlkd.engine.device import autocast
 from tlkd.engine.distributed import gather_cat
 from tlkd.engine.inference import classification_metrics
 from tlkd.engine.progress import Reporter
+from tlkd.engine.speed import measure_speed
 from tlkd.errors import ConfigError
 from tlkd.models.factory import count_params
-from tlkd.recipes.common import build_experiment, subset_seed, train
-from tlkd.recipes.evaluate import measure_speed
+from tlkd.recipes.build import build_experiment, subset_seed
+from tlkd.recipes.runner import train
 
 
 def distill(

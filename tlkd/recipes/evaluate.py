@@ -5,22 +5,20 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from pydantic import BaseModel
-from torch import nn
 
 from tlkd.config.loader import load_config, resolved_dict
-from tlkd.engine.device import autocast
 from tlkd.engine.inference import classification_metrics, predict
 from tlkd.engine.progress import Reporter
+from tlkd.engine.speed import measure_speed
 from tlkd.errors import ConfigError
 from tlkd.models.factory import count_params
-from tlkd.recipes.common import build_experiment
+from tlkd.recipes.build import build_experiment
 from tlkd.run.plots import plot_confusion
 from tlkd.run.rundir import CONFIG, EVAL, WEIGHTS, RunDir, write_json
 from tlkd.versions import versions
@@ -46,46 +44,6 @@ def expected_calibration_error(probs: torch.Tensor, targets: torch.Tensor, bins:
 def confusion_matrix(predicted: torch.Tensor, targets: torch.Tensor, n: int) -> torch.Tensor:
     """Counts, rows = true class, columns = predicted class."""
     return torch.bincount(targets * n + predicted, minlength=n * n).reshape(n, n)
-
-
-@torch.inference_mode()
-def measure_speed(
-    model: nn.Module,
-    image_size: int,
-    batch_size: int,
-    device: torch.device,
-    dtype: torch.dtype | None,
-    channels_last: bool = False,
-    latency_runs: int = 30,
-    throughput_runs: int = 5,
-) -> dict[str, float]:
-    """Median latency at batch 1 (ms per image) and throughput at ``batch_size`` (images/s)
-    on random input, after warm-up."""
-    modes = [m.training for m in model.modules()]
-    model.eval()
-
-    def timed(batch: int, runs: int) -> list[float]:
-        x = torch.randn(batch, 3, image_size, image_size, device=device)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        times = []
-        for i in range(runs + 3):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            with autocast(device, dtype):
-                model(x)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if i >= 3:  # warm-up runs are not timed
-                times.append(time.perf_counter() - t0)
-        return times
-
-    latency = statistics.median(timed(1, latency_runs)) * 1000
-    throughput = batch_size / statistics.median(timed(batch_size, throughput_runs))
-    for module, mode in zip(model.modules(), modes, strict=True):
-        module.training = mode
-    return {"latency_ms": latency, "throughput_img_per_s": throughput}
 
 
 def overrides_slug(overrides: list[str], cfg: Any) -> str:

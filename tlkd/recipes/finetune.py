@@ -9,7 +9,8 @@ from tlkd.config.schema import Config
 from tlkd.engine.objectives import Classification
 from tlkd.engine.progress import Reporter
 from tlkd.errors import ConfigError
-from tlkd.recipes.common import build_experiment, train
+from tlkd.recipes.build import build_experiment
+from tlkd.recipes.runner import train
 
 
 def finetune(

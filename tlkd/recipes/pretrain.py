@@ -13,7 +13,8 @@ from tlkd.data.pipeline import extra_loader
 from tlkd.engine.progress import Reporter
 from tlkd.errors import ConfigError
 from tlkd.models.head import feature_width
-from tlkd.recipes.common import build_experiment, subset_seed, train
+from tlkd.recipes.build import build_experiment, subset_seed
+from tlkd.recipes.runner import train
 from tlkd.ssl.registry import METHODS as SSL_METHODS
 from tlkd.ssl.simclr import TwoViews
 

@@ -1,0 +1,137 @@
+"""The life of a run, shared by every mode: the optimizer and scheduler, then the dry run
+(print the plan, write nothing) or the run directory (new, or ``--resume``'s checkpoint after
+checking the config is the same experiment), the training loop and the summary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from tlkd.config import safe_yaml
+from tlkd.config.loader import resolved_dict
+from tlkd.config.schema import Config
+from tlkd.engine import distributed
+from tlkd.engine.objectives import Objective
+from tlkd.engine.optim import build_optimizer, build_scheduler
+from tlkd.engine.progress import Reporter
+from tlkd.engine.trainer import Trainer
+from tlkd.errors import ConfigError
+from tlkd.models.freeze import Freezer
+from tlkd.recipes.build import Experiment
+from tlkd.recipes.summary import plan_lines, write_summary
+from tlkd.run.rundir import CONFIG, RunDir
+
+
+def train(
+    exp: Experiment,
+    objective: Objective,
+    mode: str,
+    reporter: Reporter,
+    dry_run: bool = False,
+    plan_extra: list[str] | None = None,
+    summary_extra: dict[str, Any] | None = None,
+    resume: Path | None = None,
+) -> dict[str, Any] | None:
+    """Build the optimizer, print the plan and run the shared loop, writing the run directory
+    (or continuing ``resume``'s). A mode adds its own plan lines and summary entries."""
+    cfg = exp.cfg
+    objective.to(exp.device)
+    if cfg.train.sync_bn and distributed.info().enabled:
+        if exp.device.type != "cuda":
+            raise ConfigError("train.sync_bn", "SyncBatchNorm needs GPUs (nccl); drop it on CPU")
+        exp.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(exp.model)
+    optimizer = build_optimizer(cfg, exp.model, objective)
+    freezer = Freezer(exp.model, cfg.model)
+    steps = len(exp.loaders.train)
+    updates_per_epoch = -(-steps // cfg.train.accum_steps)
+    scheduler = build_scheduler(cfg, optimizer, updates_per_epoch)
+    if dry_run:
+        reporter.print("resolved config:")
+        reporter.print(yaml.safe_dump(resolved_dict(cfg), sort_keys=False).rstrip())
+        reporter.print("")
+        for line in plan_lines(exp, steps, mode) + (plan_extra or []):
+            reporter.print(line)
+        reporter.print("dry run: nothing trained, no run directory written")
+        return None
+    ddp = distributed.info()
+    if resume is not None:
+        run = RunDir(resume)
+        check_resumable(run, cfg)
+        state, note = run.load_checkpoint()
+    else:  # rank 0 picks the folder; the other processes use the same one
+        run = RunDir(
+            distributed.broadcast(
+                RunDir.create(cfg.output_dir, cfg.experiment).path if ddp.is_main else None
+            )
+        )
+    write_summary_ = write_summary if ddp.is_main else (lambda *a, **k: None)
+    if ddp.is_main:
+        run.save_config(resolved_dict(cfg))
+    reporter.print(f"run dir     {run.path}")
+    for line in plan_lines(exp, steps, mode) + (plan_extra or []):
+        reporter.print(line)
+    write_summary_(run, exp, mode, None, "running", summary_extra)
+    trainer = Trainer(
+        model=exp.model,
+        objective=objective,
+        freezer=freezer,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        train_loader=exp.loaders.train,
+        val_loader=exp.loaders.val,
+        device=exp.device,
+        dtype=exp.dtype,
+        cfg=cfg.train,
+        unfreeze_after=cfg.model.unfreeze_after,
+        run=run,
+        reporter=reporter,
+        weights_metadata={
+            "format": "pt",
+            "tlkd_model": cfg.model.name,
+            "tlkd_num_classes": str(cfg.model.num_classes),
+        },
+        on_epoch_end=lambda r: write_summary_(run, exp, mode, r, "running", summary_extra),
+    )
+    start = 1
+    if resume is not None:
+        start = trainer.restore(state)
+        reporter.print(f"resume      {note}: epoch {start} of {cfg.train.epochs}")
+    # train.epochs 0 (adapt.method: adabn): validate the adapted model, train nothing
+    result = trainer.fit(start) if cfg.train.epochs > 0 else trainer.validate_only()
+    if not ddp.is_main:
+        return None
+    summary = write_summary(run, exp, mode, result, "finished", summary_extra)
+    reporter.print(
+        f"done: best val top-1 {summary['best_val_top1']:.2f}% (epoch {summary['best_epoch']}), "
+        f"final {summary['final_val_top1']:.2f}%, {summary['wall_time_s']:.1f}s"
+    )
+    reporter.print(f"run dir: {run.path}")
+    return summary
+
+
+def check_resumable(run: RunDir, cfg: Config) -> None:
+    """Resuming must continue the same experiment: only the epoch count may change."""
+    saved_file = run.file(CONFIG)
+    if not saved_file.is_file():
+        raise ConfigError("--resume", f"{run.path} is not a tlkd run directory (no {CONFIG})")
+    saved = _flatten(safe_yaml.safe_load(saved_file.read_text()))
+    now = _flatten(resolved_dict(cfg))
+    ignored = {"train.epochs", "output_dir", "experiment", "data.cache_dir"}
+    differ = sorted(
+        k for k in saved.keys() | now.keys() if k not in ignored and saved.get(k) != now.get(k)
+    )
+    if differ:
+        shown = ", ".join(differ[:6]) + (", ..." if len(differ) > 6 else "")
+        raise ConfigError("--resume", f"the config differs from the run's in: {shown}")
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): data}

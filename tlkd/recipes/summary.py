@@ -1,0 +1,115 @@
+"""What a run tells: the plan lines printed before training and summary.json."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tlkd.config.schema import Config
+from tlkd.engine.trainer import FitResult
+from tlkd.models.factory import count_params
+from tlkd.recipes.build import Experiment
+from tlkd.run.rundir import SUMMARY, RunDir, write_json
+from tlkd.versions import versions
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (MiB; 0 where not measurable)."""
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    except (ImportError, OSError):
+        return 0.0
+
+
+def plan_lines(exp: Experiment, steps_per_epoch: int, mode: str) -> list[str]:
+    """A short human summary of what the run will do."""
+    cfg, splits = exp.cfg, exp.splits
+    total, trainable = count_params(exp.model)
+    head = (
+        f"MLP {cfg.model.head.hidden} + dropout {cfg.model.head.dropout}"
+        if cfg.model.head is not None
+        else "linear"
+    )
+    freeze = cfg.model.freeze if isinstance(cfg.model.freeze, str) else ", ".join(cfg.model.freeze)
+    unfreeze = (
+        f", unfreeze after epoch {cfg.model.unfreeze_after}" if cfg.model.unfreeze_after else ""
+    )
+    t = cfg.train
+    return (
+        [
+            f"mode        {mode}",
+            f"model       {cfg.model.name}  weights: {exp.weights.source}  head: {head} "
+            f"({exp.weights.head}), {len(exp.classes)} classes",
+            f"parameters  {total:,} total, {trainable:,} trainable, {total - trainable:,} frozen "
+            f"(freeze: {freeze}{unfreeze})",
+            f"data        {cfg.data.dataset}: {len(splits.train):,} train images, "
+            f"{len(splits.val):,} val images ({splits.val_source}), {cfg.data.image_size}px, "
+            f"{exp.loaders.note}",
+            f"schedule    {t.epochs} epochs x {steps_per_epoch} steps (batch {t.batch_size}"
+            f"{f', accumulate {t.accum_steps}' if t.accum_steps > 1 else ''}) = "
+            f"{t.epochs * steps_per_epoch:,} steps; {t.optimizer.name} lr {t.optimizer.lr or 0:g}, "
+            f"scheduler {t.scheduler.name}",
+            f"device      {exp.device}, precision {_shown_precision(cfg, exp)}, "
+            f"channels_last {str(t.channels_last).lower()}",
+        ]
+        + [f"{'default':<11} {key}: {why}" for key, why in exp.choices.items()]
+        + ([f"warning     {exp.weights.warning}"] if exp.weights.warning else [])
+        + (
+            [f"skipped     {len(splits.bad_images)} unreadable images, e.g. {splits.bad_images[0]}"]
+            if splits.bad_images
+            else []
+        )
+    )
+
+
+def _shown_precision(cfg: Config, exp: Experiment) -> str:
+    if cfg.train.precision == "auto" and exp.device.type == "cpu":
+        return "auto (measured when the run starts)"
+    return str(exp.dtype or "fp32").removeprefix("torch.")
+
+
+def write_summary(
+    run: RunDir,
+    exp: Experiment,
+    mode: str,
+    result: FitResult | None,
+    status: str,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    total, trainable = count_params(exp.model)
+    history = result.history if result else []
+    summary: dict[str, Any] = {
+        "experiment": exp.cfg.experiment,
+        "mode": mode,
+        "status": status,
+        "run_dir": str(run.path),
+        "model": exp.cfg.model.name,
+        "classes": exp.classes,
+        "num_classes": len(exp.classes),
+        "epochs_done": len(history),
+        "best_val_top1": result.best_val_top1 if result and result.best_val_top1 >= 0 else None,
+        "best_epoch": result.best_epoch if result and result.best_val_top1 >= 0 else None,
+        "final_val_top1": history[-1]["val_top1"] if history else None,
+        "final_val_top5": history[-1]["val_top5"] if history else None,
+        "params": total,
+        "trainable_params": trainable,
+        "train_images": len(exp.splits.train),
+        "val_images": len(exp.splits.val),
+        "wall_time_s": round(result.wall_time_s, 3) if result else 0.0,
+        "skipped_steps": result.skipped_steps if result else 0,
+        "skipped_images": len(exp.splits.bad_images),
+        "skipped_image_files": exp.splits.bad_images[:50],
+        "data_path": exp.loaders.note,
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "device": str(exp.device),
+        "precision": str(exp.dtype or "fp32").replace("torch.", ""),
+        "weights_source": exp.weights.source,
+        "weights": "pretrained" if exp.weights.loaded else "random",
+        "weights_warning": exp.weights.warning,
+        "defaults_chosen": exp.choices,
+        "versions": versions(),
+    }
+    summary.update(extra or {})
+    write_json(run.file(SUMMARY), summary)
+    return summary
