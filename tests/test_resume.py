@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,18 +17,18 @@ from safetensors.torch import load_file
 LEARNED = ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr")
 
 
-@pytest.fixture
-def resumable(tmp_path, write_config):
-    """A config whose epochs take long enough to be killed in the middle, with random
-    augmentation and a loader worker, so every RNG stream matters."""
-    train = write_images(tmp_path / "train", per_class=24, size=48, seed=1)
-    val = write_images(tmp_path / "val", per_class=4, size=48, seed=2)
-    cfg = small_config(
-        tmp_path,
+def _resumable_config(root: Path) -> dict:
+    """A config whose epochs take long enough to be killed in the middle (12 steps), with
+    random augmentation and a loader worker, so every RNG stream matters. The images depend
+    only on their seeds, so runs under different roots learn exactly the same."""
+    train = write_images(root / "train", per_class=16, size=32, seed=1)
+    val = write_images(root / "val", per_class=4, size=32, seed=2)
+    return small_config(
+        root,
         train,
         val,
         data={
-            "image_size": 48,
+            "image_size": 32,
             "num_workers": 1,
             "augment": {"crop_mode": "rrc", "scale": [0.5, 1.0], "hflip": 0.5},
         },
@@ -38,7 +39,23 @@ def resumable(tmp_path, write_config):
             "scheduler": {"name": "cosine", "warmup_epochs": 1},
         },
     )
+
+
+@pytest.fixture
+def resumable(tmp_path, write_config):
+    cfg = _resumable_config(tmp_path)
     return lambda name, **kw: write_config({**cfg, "experiment": name, **kw}, f"{name}.yaml")
+
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory) -> Path:
+    """The uninterrupted run of ``resumable``'s config, shared by the tests that compare an
+    interrupted and resumed run with it (one per test process)."""
+    root = tmp_path_factory.mktemp("full")
+    config = root / "full.yaml"
+    config.write_text(yaml.safe_dump({**_resumable_config(root), "experiment": "full"}))
+    _finish(_tlkd(root, "finetune", config))
+    return root / "runs" / "full"
 
 
 def _tlkd(tmp_path, *args, **kw):
@@ -82,9 +99,7 @@ def _same_weights(a, b):
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, resumable):
-    _finish(_tlkd(tmp_path, "finetune", resumable("full")))
-    full = tmp_path / "runs" / "full"
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, resumable, full):
     killed = tmp_path / "runs" / "killed"
     _kill_during(tmp_path, resumable("killed"), epoch=2)
     assert len((killed / "metrics.jsonl").read_text().splitlines()) == 1  # epoch 2 cut off
@@ -114,44 +129,34 @@ def test_adapt_killed_mid_epoch_resumes_exactly(tmp_path, resumable):
     assert _same_weights(killed, tmp_path / "runs" / "full")
 
 
-def test_resume_after_death_while_writing_a_checkpoint(tmp_path, resumable):
+def test_resume_after_death_while_writing_a_checkpoint(tmp_path, resumable, full):
     """The atomic protocol leaves either checkpoint.pt or checkpoint.prev.pt valid; a torn or
     missing newest checkpoint falls back to the previous one and still ends identically."""
-    _finish(_tlkd(tmp_path, "finetune", resumable("full")))
     _kill_during(tmp_path, resumable("torn"), epoch=3)
     torn = tmp_path / "runs" / "torn"
     data = (torn / "checkpoint.pt").read_bytes()  # epoch 2's, torn as by a crash mid-write
     (torn / "checkpoint.pt").write_bytes(data[: len(data) // 3])
     out = _finish(_tlkd(tmp_path, "finetune", "--resume", torn))
     assert "checkpoint.pt is unreadable" in out and "resuming from checkpoint.prev.pt" in out
-    assert _learned(torn) == _learned(tmp_path / "runs" / "full")
-    assert _same_weights(torn, tmp_path / "runs" / "full")
+    assert _learned(torn) == _learned(full)
+    assert _same_weights(torn, full)
 
 
-def test_resume_refuses_a_changed_config_and_missing_checkpoints(tmp_path, resumable):
-    _finish(_tlkd(tmp_path, "finetune", resumable("base"), "train.epochs=1"))
+def test_resume_refuses_a_changed_config_and_missing_checkpoints(tmp_path, resumable, cli):
+    """In process: exit codes and the one error line are what the CLI returns and prints
+    (tests/test_cli.py checks the same path in a real process)."""
+    config = resumable("base", train={**_resumable_config(tmp_path)["train"], "epochs": 1})
+    assert cli("finetune", config).exit_code == 0
     run = tmp_path / "runs" / "base"
-    proc = _tlkd(tmp_path, "finetune", "--resume", run, "train.optimizer.lr=0.5")
-    proc.communicate(timeout=300)
-    assert proc.returncode == 2
-    proc = subprocess.run(
-        [sys.executable, "-m", "tlkd", "finetune", "--resume", str(run), "train.optimizer.lr=0.5"],
-        cwd=tmp_path,
-        env=tlkd_env(),
-        capture_output=True,
-        text=True,
+    result = cli("finetune", "--resume", run, "train.optimizer.lr=0.5")
+    assert result.exit_code == 2
+    assert "error: --resume: the config differs from the run's in: train.optimizer.lr" in (
+        result.output
     )
-    assert "train.optimizer.lr" in error_line(proc)
     for name in ("checkpoint.pt", "checkpoint.prev.pt"):
         (run / name).unlink(missing_ok=True)
-    proc = subprocess.run(
-        [sys.executable, "-m", "tlkd", "finetune", "--resume", str(run), "train.epochs=2"],
-        cwd=tmp_path,
-        env=tlkd_env(),
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 1 and "no usable checkpoint" in error_line(proc)
+    result = cli("finetune", "--resume", run, "train.epochs=2")
+    assert result.exit_code == 1 and "no usable checkpoint" in result.output
 
 
 def _signal_during(tmp_path, config, sig, epoch=2, times=1):
@@ -168,8 +173,7 @@ def _signal_during(tmp_path, config, sig, epoch=2, times=1):
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_stop_signal_checkpoints_the_step_and_resume_is_exact(tmp_path, resumable, sig, code):
-    _finish(_tlkd(tmp_path, "finetune", resumable("full")))
+def test_stop_signal_checkpoints_the_step_and_resume_is_exact(tmp_path, resumable, full, sig, code):
     stopped = tmp_path / "runs" / "stopped"
     returncode, err = _signal_during(tmp_path, resumable("stopped"), sig)
     assert returncode == code, err
@@ -178,8 +182,8 @@ def test_stop_signal_checkpoints_the_step_and_resume_is_exact(tmp_path, resumabl
     ckpt = torch.load(stopped / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] == 1 and ckpt["partial"]["epoch"] == 2 and ckpt["partial"]["step"] >= 5
     _finish(_tlkd(tmp_path, "finetune", "--resume", stopped))
-    assert _learned(stopped) == _learned(tmp_path / "runs" / "full")
-    assert _same_weights(stopped, tmp_path / "runs" / "full")
+    assert _learned(stopped) == _learned(full)
+    assert _same_weights(stopped, full)
 
 
 def test_second_ctrl_c_exits_at_once(tmp_path, resumable):
