@@ -199,6 +199,27 @@ def run_tlkd(tmp_path):
     return run
 
 
+@pytest.fixture
+def run_cli(tmp_path, monkeypatch):
+    """``tlkd ...`` in this process (typer's CliRunner), in tmp_path, returning what
+    ``run_tlkd`` returns (``returncode``, ``stdout``, ``stderr``; an uncaught exception's
+    traceback is appended to stderr, as a real process would print it). For tests of exit
+    codes and messages that need no real process: starting one costs ~6 s of imports."""
+    import traceback
+
+    from tlkd.cli import app
+
+    def run(*args: str | Path, timeout: int = 300) -> subprocess.CompletedProcess:
+        monkeypatch.chdir(tmp_path)
+        result = CliRunner().invoke(app, [str(a) for a in args])
+        stderr = result.stderr
+        if result.exception is not None and not isinstance(result.exception, SystemExit):
+            stderr += "".join(traceback.format_exception(result.exception))
+        return subprocess.CompletedProcess(args, result.exit_code, result.stdout, stderr)
+
+    return run
+
+
 def error_line(proc: subprocess.CompletedProcess) -> str:
     """The single ``error: ...`` line a failed command must print on stderr (asserted)."""
     assert "Traceback" not in proc.stderr, proc.stderr

@@ -148,9 +148,9 @@ def _adapt_cfg(tmp_path, domains, method, **train):
 
 
 @pytest.mark.parametrize("method", ["pseudo_label", "dann"])
-def test_adapt_trains_and_logs_both_domains(tmp_path, domains, write_config, run_tlkd, method):
+def test_adapt_trains_and_logs_both_domains(tmp_path, domains, write_config, run_cli, method):
     cfg = _adapt_cfg(tmp_path, domains, method)
-    proc = run_tlkd("adapt", write_config(cfg), f"experiment={method}")
+    proc = run_cli("adapt", write_config(cfg), f"experiment={method}")
     assert proc.returncode == 0, proc.stderr
     run = tmp_path / "runs" / method
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -164,17 +164,17 @@ def test_adapt_trains_and_logs_both_domains(tmp_path, domains, write_config, run
     from safetensors.torch import load_file
 
     assert not any("discriminator" in k for k in load_file(run / "model.safetensors"))
-    proc = run_tlkd("evaluate", run, "--no-speed")
+    proc = run_cli("evaluate", run, "--no-speed")
     assert proc.returncode == 0, proc.stderr
 
 
-def test_adabn_without_training_adapts_a_source_run(tmp_path, domains, write_config, run_tlkd):
+def test_adabn_without_training_adapts_a_source_run(tmp_path, domains, write_config, run_cli):
     source, _, _, target_val = domains
     base = small_config(tmp_path, source, target_val, train={"epochs": 1})
-    assert run_tlkd("finetune", write_config(base, "src.yaml"), "experiment=src").returncode == 0
+    assert run_cli("finetune", write_config(base, "src.yaml"), "experiment=src").returncode == 0
     cfg = _adapt_cfg(tmp_path, domains, "adabn", epochs=0)
     cfg["model"]["pretrained"] = str(tmp_path / "runs" / "src")
-    proc = run_tlkd("adapt", write_config(cfg), "experiment=adabn")
+    proc = run_cli("adapt", write_config(cfg), "experiment=adabn")
     assert proc.returncode == 0, proc.stderr
     run = tmp_path / "runs" / "adabn"
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -189,26 +189,26 @@ def test_adabn_without_training_adapts_a_source_run(tmp_path, domains, write_con
     assert differ and all("running_" in k or "num_batches" in k for k in differ)
 
 
-def test_adapt_config_errors(tmp_path, domains, write_config, run_tlkd):
+def test_adapt_config_errors(tmp_path, domains, write_config, run_cli):
     cfg = _adapt_cfg(tmp_path, domains, "dann")
     del cfg["data"]["unlabeled"]
-    proc = run_tlkd("adapt", write_config(cfg))
+    proc = run_cli("adapt", write_config(cfg))
     assert proc.returncode == 2 and error_line(proc).startswith("error: data.unlabeled:")
     cfg = _adapt_cfg(tmp_path, domains, "dann", epochs=0)
-    proc = run_tlkd("adapt", write_config(cfg))
+    proc = run_cli("adapt", write_config(cfg))
     assert proc.returncode == 2 and "train.epochs" in error_line(proc)
     cfg = _adapt_cfg(tmp_path, domains, "dan")
-    proc = run_tlkd("adapt", write_config(cfg))
+    proc = run_cli("adapt", write_config(cfg))
     assert proc.returncode == 2 and "adapt.method" in error_line(proc)
 
 
-def test_pretrain_saves_a_backbone_that_finetune_loads(tmp_path, domains, write_config, run_tlkd):
+def test_pretrain_saves_a_backbone_that_finetune_loads(tmp_path, domains, write_config, run_cli):
     source, _, target, target_val = domains
     cfg = small_config(tmp_path, None, target_val, train={"epochs": 2})
     cfg["data"]["unlabeled"] = str(target)
     cfg["data"]["augment"] = {"crop_mode": "rrc", "scale": [0.5, 1.0], "grayscale": 0.2}
     cfg["pretrain"] = {"temperature": 0.5, "knn_k": 3}
-    proc = run_tlkd("pretrain", write_config(cfg, "pre.yaml"), "experiment=pre")
+    proc = run_cli("pretrain", write_config(cfg, "pre.yaml"), "experiment=pre")
     assert proc.returncode == 0, proc.stderr
     run = tmp_path / "runs" / "pre"
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -222,32 +222,32 @@ def test_pretrain_saves_a_backbone_that_finetune_loads(tmp_path, domains, write_
     assert saved["model"]["num_classes"] == 0
     ft = small_config(tmp_path, source, target_val, train={"epochs": 1})
     ft["model"]["pretrained"] = str(run)
-    proc = run_tlkd("finetune", write_config(ft, "ft.yaml"), "experiment=ft")
+    proc = run_cli("finetune", write_config(ft, "ft.yaml"), "experiment=ft")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((tmp_path / "runs" / "ft" / "summary.json").read_text())
     assert summary["weights_source"] == str(run / "model.safetensors")
 
 
 def test_an_adapted_teacher_teaches_a_student_on_the_target(
-    tmp_path, domains, write_config, run_tlkd
+    tmp_path, domains, write_config, run_cli
 ):
     """Composable with distillation: the student learns from labelled source batches (ce) and
     from the adapted teacher on unlabelled target batches joined to them (kd)."""
     cfg = _adapt_cfg(tmp_path, domains, "dann", epochs=1)
-    assert run_tlkd("adapt", write_config(cfg, "a.yaml"), "experiment=teacher").returncode == 0
+    assert run_cli("adapt", write_config(cfg, "a.yaml"), "experiment=teacher").returncode == 0
     source, _, target, target_val = domains
     kd = small_config(tmp_path, source, target_val, train={"epochs": 1})
     kd["data"]["unlabeled"] = str(target)
     kd["teacher"] = {"name": kd["model"]["name"], "pretrained": str(tmp_path / "runs/teacher")}
     kd["distill"] = {"losses": [{"type": "kd", "weight": 0.9}, {"type": "ce", "weight": 0.1}]}
-    proc = run_tlkd("distill", write_config(kd, "kd.yaml"), "experiment=student")
+    proc = run_cli("distill", write_config(kd, "kd.yaml"), "experiment=student")
     assert proc.returncode == 0, proc.stderr
     assert "24 images" in proc.stdout and "teacher losses only" in proc.stdout
     row = json.loads((tmp_path / "runs/student/metrics.jsonl").read_text().splitlines()[-1])
     assert row["train_loss_kd"] > 0 and row["train_loss_ce"] > 0 and row["val_top1"] is not None
     kd["distill"]["losses"][1] = {"type": "dkd", "weight": 0.1}
-    proc = run_tlkd("distill", write_config(kd, "kd.yaml"))
+    proc = run_cli("distill", write_config(kd, "kd.yaml"))
     assert proc.returncode == 2 and error_line(proc).startswith("error: distill.losses.1:")
     del kd["teacher"], kd["distill"]
-    proc = run_tlkd("finetune", write_config(kd, "ft.yaml"))
+    proc = run_cli("finetune", write_config(kd, "ft.yaml"))
     assert proc.returncode == 2 and error_line(proc).startswith("error: data.unlabeled:")

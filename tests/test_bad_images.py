@@ -13,18 +13,18 @@ def _break(folder):
 
 
 @pytest.mark.parametrize("workers", [0, 1])  # in the main process, and in a loader worker
-def test_bad_image_is_named(tmp_path, squares, tiny_config, run_tlkd, workers):
+def test_bad_image_is_named(tmp_path, squares, tiny_config, run_cli, workers):
     bad = _break(squares[0])
-    proc = run_tlkd("finetune", tiny_config(data={"num_workers": workers}))
+    proc = run_cli("finetune", tiny_config(data={"num_workers": workers}))
     assert proc.returncode == 1
     line = error_line(proc)
     assert str(bad) in line and "data.skip_bad_images" in line
 
 
-def test_bad_images_skipped_and_counted(tmp_path, squares, tiny_config, run_tlkd):
+def test_bad_images_skipped_and_counted(tmp_path, squares, tiny_config, run_cli):
     bad = _break(squares[0])
     bad_val = _break(squares[1])
-    proc = run_tlkd("finetune", tiny_config(data={"skip_bad_images": True}))
+    proc = run_cli("finetune", tiny_config(data={"skip_bad_images": True}))
     assert proc.returncode == 0, proc.stderr
     assert "skipped     2 unreadable images" in proc.stdout
     summary = json.loads((tmp_path / "runs" / "tiny" / "summary.json").read_text())

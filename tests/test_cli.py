@@ -1,6 +1,9 @@
 """`python -m tlkd` as a user runs it: exit codes, one-line errors on stderr, --dry-run.
 
-Exit codes: 0 success, 2 a config that cannot run, 1 a failure while running.
+Exit codes: 0 success, 2 a config that cannot run, 1 a failure while running. A real process
+(``run_tlkd``) where the process itself is under test (a config error before torch loads, the
+offline hub, a whole dry run); the same app in this process (``run_cli``, the same exit code,
+stdout and stderr) where only the message is.
 """
 
 from __future__ import annotations
@@ -25,43 +28,43 @@ def test_missing_config_file_is_exit_2(tmp_path, run_tlkd):
     assert "config file not found" in error_line(proc)
 
 
-def test_unknown_model_name_suggests_exit_2(tiny_config, run_tlkd):
-    proc = run_tlkd("finetune", tiny_config(), "model.name=resnet181")
+def test_unknown_model_name_suggests_exit_2(tiny_config, run_cli):
+    proc = run_cli("finetune", tiny_config(), "model.name=resnet181")
     assert proc.returncode == 2
     line = error_line(proc)
     assert line.startswith("error: model.name: ")
     assert "did you mean 'resnet18'?" in line
 
 
-def test_missing_data_path_is_exit_2(tiny_config, tmp_path, run_tlkd):
-    proc = run_tlkd("finetune", tiny_config(), f"data.train={tmp_path / 'missing'}")
+def test_missing_data_path_is_exit_2(tiny_config, tmp_path, run_cli):
+    proc = run_cli("finetune", tiny_config(), f"data.train={tmp_path / 'missing'}")
     assert proc.returncode == 2
     line = error_line(proc)
     assert line.startswith("error: data.train: ")
     assert "missing" in line
 
 
-def test_empty_class_folder_is_exit_2(tiny_config, squares, run_tlkd):
+def test_empty_class_folder_is_exit_2(tiny_config, squares, run_cli):
     train, _ = squares
     shutil.rmtree(train / "green")
     (train / "green").mkdir()
-    proc = run_tlkd("finetune", tiny_config(), "data.val=null")
+    proc = run_cli("finetune", tiny_config(), "data.val=null")
     assert proc.returncode == 2
     line = error_line(proc)
     assert line.startswith("error: data.train: ")
     assert "green" in line
 
 
-def test_num_classes_disagreeing_with_data_is_exit_2(tiny_config, run_tlkd):
-    proc = run_tlkd("finetune", tiny_config(), "model.num_classes=5")
+def test_num_classes_disagreeing_with_data_is_exit_2(tiny_config, run_cli):
+    proc = run_cli("finetune", tiny_config(), "model.num_classes=5")
     assert proc.returncode == 2
     line = error_line(proc)
     assert line.startswith("error: model.num_classes: ")
     assert "3 classes" in line
 
 
-def test_unknown_class_in_subset_is_exit_2(tiny_config, run_tlkd):
-    proc = run_tlkd("finetune", tiny_config(), "data.classes=[red,grene]")
+def test_unknown_class_in_subset_is_exit_2(tiny_config, run_cli):
+    proc = run_cli("finetune", tiny_config(), "data.classes=[red,grene]")
     assert proc.returncode == 2
     line = error_line(proc)
     assert line.startswith("error: data.classes: ")
@@ -90,8 +93,8 @@ def test_dry_run_prints_plan_and_writes_nothing(tiny_config, tmp_path, run_tlkd)
     assert not (tmp_path / "runs").exists()
 
 
-def test_freeze_typo_caught_by_dry_run(tiny_config, tmp_path, run_tlkd):
-    proc = run_tlkd("finetune", tiny_config(), "model.freeze=[layr1]", "--dry-run")
+def test_freeze_typo_caught_by_dry_run(tiny_config, tmp_path, run_cli):
+    proc = run_cli("finetune", tiny_config(), "model.freeze=[layr1]", "--dry-run")
     assert proc.returncode == 2
     assert "did you mean 'layer1'?" in error_line(proc)
     assert not (tmp_path / "runs").exists()

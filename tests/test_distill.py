@@ -1,13 +1,12 @@
 """tlkd distill: teachers stay frozen, losses compose, multi-teacher, multi-task, export."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import timm
 import torch
+from conftest import error_line
 from safetensors.torch import load_file, save_file
 
 import tlkd.models  # noqa: F401  registers the CIFAR models
@@ -221,21 +220,13 @@ def test_multi_task_student_serves_both_teachers(tmp_path):
     assert summary["classes"] == [str(i) for i in range(10)]
 
 
-def test_finetune_rejects_teachers_and_cli_exit_code(tmp_path):
+def test_finetune_rejects_teachers_and_cli_exit_code(tmp_path, run_cli):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("teacher: {name: resnet20}\n")
-    proc = subprocess.run(
-        [sys.executable, "-m", "tlkd", "finetune", str(cfg), "--dry-run"],
-        capture_output=True,
-        text=True,
-    )
+    proc = run_cli("finetune", cfg, "--dry-run")
     assert proc.returncode == 2
-    assert proc.stderr.strip().startswith("error: teacher:") and "Traceback" not in proc.stderr
-    proc = subprocess.run(
-        [sys.executable, "-m", "tlkd", "distill", str(tmp_path / "missing.yaml")],
-        capture_output=True,
-        text=True,
-    )
+    assert error_line(proc).startswith("error: teacher:")
+    proc = run_cli("distill", tmp_path / "missing.yaml")
     assert proc.returncode == 2
 
 

@@ -121,22 +121,22 @@ def test_loader_replays_an_epoch_from_its_generator_state(tmp_path):
     assert not torch.equal(first[0], next(iter(loader))[0])  # the next epoch differs
 
 
-def test_runs_choose_the_data_path_and_say_why(tmp_path, squares, write_config, run_tlkd):
+def test_runs_choose_the_data_path_and_say_why(tmp_path, squares, write_config, run_cli):
     train, val = squares
     cfg = small_config(tmp_path, train, val, train={"epochs": 1})
-    proc = run_tlkd("finetune", write_config(cfg, "auto.yaml"), "experiment=auto")
+    proc = run_cli("finetune", write_config(cfg, "auto.yaml"), "experiment=auto")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((tmp_path / "runs" / "auto" / "summary.json").read_text())
     assert summary["data_path"].startswith("in memory")
     assert "in memory" in proc.stdout
     # per-image augmentation: auto falls back to loader workers, saying why
     cfg["data"]["augment"] = {"auto_augment": "rand-m9-mstd0.5"}
-    proc = run_tlkd("finetune", write_config(cfg, "aa.yaml"), "experiment=aa")
+    proc = run_cli("finetune", write_config(cfg, "aa.yaml"), "experiment=aa")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((tmp_path / "runs" / "aa" / "summary.json").read_text())
     assert "workers" in summary["data_path"] and "auto_augment" in summary["data_path"]
     # ... and in_memory: true makes that an error naming the key
-    proc = run_tlkd("finetune", write_config(cfg, "aa.yaml"), "data.in_memory=true")
+    proc = run_cli("finetune", write_config(cfg, "aa.yaml"), "data.in_memory=true")
     assert proc.returncode == 2
     assert error_line(proc).startswith("error: data.in_memory: cannot hold the data in memory")
     saved = yaml.safe_load((tmp_path / "runs" / "aa" / "config.yaml").read_text())

@@ -200,12 +200,12 @@ def test_second_ctrl_c_exits_at_once(tmp_path, resumable):
     assert "stopped by SIGINT" not in err, err
 
 
-def test_nonfinite_loss_stops_with_epoch_and_step(tmp_path, tiny_config, run_tlkd):
+def test_nonfinite_loss_stops_with_epoch_and_step(tmp_path, tiny_config, run_cli):
     blowup = {"optimizer": {"name": "sgd", "lr": 1.0e12, "weight_decay": 0.0}}
-    proc = run_tlkd("finetune", tiny_config(train=blowup))
+    proc = run_cli("finetune", tiny_config(train=blowup))
     assert proc.returncode == 1
     assert re.match(r"error: loss became (nan|inf) at epoch 1, step \d+", error_line(proc))
-    proc = run_tlkd("finetune", tiny_config("skip.yaml", train={**blowup, "skip_nonfinite": 2}))
+    proc = run_cli("finetune", tiny_config("skip.yaml", train={**blowup, "skip_nonfinite": 2}))
     assert proc.returncode == 1 and "after skipping 2 such steps" in error_line(proc)
 
 

@@ -74,8 +74,8 @@ def test_interrupted_sweep_completes_and_skips_finished_runs(tmp_path, tiny_conf
     assert "lr: 0.02" in cfg and "seed: 1" in cfg and "sweep: null" in cfg
 
 
-def test_sweep_typo_fails_before_any_run(tmp_path, tiny_config, run_tlkd):
-    proc = run_tlkd("sweep", tiny_config(), "--grid", "train.optimiser.lr=0.1,0.2")
+def test_sweep_typo_fails_before_any_run(tmp_path, tiny_config, run_cli):
+    proc = run_cli("sweep", tiny_config(), "--grid", "train.optimiser.lr=0.1,0.2")
     assert proc.returncode == 2 and "did you mean 'optimizer'" in proc.stderr
     assert not (tmp_path / "runs").exists()
 
@@ -92,7 +92,7 @@ def test_sweep_picks_the_mode_from_the_config():
     assert mode_of(validate({"pretrain": {}})) == "pretrain"
 
 
-def test_sweep_runs_an_adapt_config(tmp_path, make_images, write_config, run_tlkd):
+def test_sweep_runs_an_adapt_config(tmp_path, make_images, write_config, run_cli):
     from conftest import small_config
 
     source, val = make_images("source", per_class=4), make_images("target_val", per_class=2)
@@ -100,7 +100,7 @@ def test_sweep_runs_an_adapt_config(tmp_path, make_images, write_config, run_tlk
     cfg = small_config(tmp_path, source, val, experiment="ada", train={"epochs": 0})
     cfg["data"]["unlabeled"] = str(target)
     cfg["adapt"] = {"method": "adabn"}  # statistics only: no training
-    proc = run_tlkd("sweep", write_config(cfg), "--grid", "seed=0,1")
+    proc = run_cli("sweep", write_config(cfg), "--grid", "seed=0,1")
     assert proc.returncode == 0, proc.stderr
     for seed in (0, 1):
         summary = json.loads(
@@ -109,17 +109,17 @@ def test_sweep_runs_an_adapt_config(tmp_path, make_images, write_config, run_tlk
         assert summary["mode"] == "adapt" and summary["status"] == "finished"
 
 
-def test_sweep_bad_combination_fails_before_any_run(tmp_path, tiny_config, run_tlkd):
+def test_sweep_bad_combination_fails_before_any_run(tmp_path, tiny_config, run_cli):
     from conftest import error_line
 
     # valid schema, but a model timm does not know: found by the dry run of that combination
-    proc = run_tlkd("sweep", tiny_config(), "--grid", "model.name=test_resnet,no_such_net")
+    proc = run_cli("sweep", tiny_config(), "--grid", "model.name=test_resnet,no_such_net")
     assert proc.returncode == 2, proc.stderr
     line = error_line(proc)
     assert "sweep run name-nosuchnet (model.name=no_such_net)" in line and "model.name" in line
     assert not (tmp_path / "runs").exists()
     # a value the schema refuses, in one combination of two keys
-    proc = run_tlkd("sweep", tiny_config(), "--grid", "train.epochs=1,-1", "--grid", "seed=0,1")
+    proc = run_cli("sweep", tiny_config(), "--grid", "train.epochs=1,-1", "--grid", "seed=0,1")
     assert proc.returncode == 2
     line = error_line(proc)
     assert "sweep run epochs--1_seed-0" in line and "train.epochs" in line

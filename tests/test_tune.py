@@ -11,14 +11,12 @@ from conftest import small_config
 from tlkd.engine import tune
 
 
-def test_auto_times_the_candidates_and_records_the_choice(
-    tmp_path, squares, write_config, run_tlkd
-):
+def test_auto_times_the_candidates_and_records_the_choice(tmp_path, squares, write_config, run_cli):
     train, val = squares
     cfg = small_config(tmp_path, train, val, train={"epochs": 1, "precision": "auto"})
     cfg["train"]["channels_last"] = "auto"
     cfg["data"]["cache_dir"] = str(tmp_path / "cache")  # nothing measured before
-    proc = run_tlkd("finetune", write_config(cfg), "experiment=auto")
+    proc = run_cli("finetune", write_config(cfg), "experiment=auto")
     assert proc.returncode == 0, proc.stderr
     line = next(x for x in proc.stdout.splitlines() if x.startswith("auto "))
     assert "fp32 " in line and "fp32+cl" in line and "steps/s" in line
@@ -28,7 +26,7 @@ def test_auto_times_the_candidates_and_records_the_choice(
     summary = json.loads((tmp_path / "runs" / "auto" / "summary.json").read_text())
     assert summary["precision"] == ("bfloat16" if saved["train"]["precision"] == "bf16" else "fp32")
     # the next run reuses the measurement
-    proc = run_tlkd("finetune", write_config(cfg), "experiment=again")
+    proc = run_cli("finetune", write_config(cfg), "experiment=again")
     assert "measured before" in proc.stdout, proc.stdout
     again = yaml.safe_load((tmp_path / "runs" / "again" / "config.yaml").read_text())
     assert again["train"]["precision"] == saved["train"]["precision"]
@@ -79,12 +77,12 @@ def test_a_large_model_is_timed_on_a_smaller_batch(monkeypatch, tmp_path):
     assert sizes[1:] == [int(tune.STEP_BUDGET_S / 0.1)] * 4
 
 
-def test_a_dry_run_measures_nothing(tmp_path, squares, write_config, run_tlkd):
+def test_a_dry_run_measures_nothing(tmp_path, squares, write_config, run_cli):
     train, val = squares
     cfg = small_config(tmp_path, train, val, train={"epochs": 1, "precision": "auto"})
     cfg["train"]["channels_last"] = "auto"
     cfg["data"]["cache_dir"] = str(tmp_path / "cache")
-    proc = run_tlkd("finetune", write_config(cfg), "--dry-run")
+    proc = run_cli("finetune", write_config(cfg), "--dry-run")
     assert proc.returncode == 0, proc.stderr
     assert "measured" not in proc.stdout.replace("measured when the run starts", "")
     assert not (tmp_path / "cache" / tune.TUNE_FILE).exists()
