@@ -27,7 +27,7 @@ import yaml
 from PIL import Image
 
 from bench.__main__ import cifar
-from tlkd.config.loader import deep_merge
+from tlkd.config.loader import deep_merge, effective, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 WORK = Path(os.environ.get("TLKD_BENCH_DIR", "~/.cache/tlkd-bench")).expanduser() / "defaults"
@@ -144,7 +144,8 @@ def run_one(name: str, row: str, seed: int) -> dict:
 
 def collect(name: str, row: str, seed: int, run_dir: Path, wall_s: float | None) -> dict:
     summary = json.loads((run_dir / "summary.json").read_text())
-    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    # what the run used: the config as given with the values tlkd chose applied
+    saved = effective(load_config(run_dir / "config.yaml")).model_dump(mode="json")
     return {
         "dataset": name,
         "row": row,

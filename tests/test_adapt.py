@@ -219,7 +219,7 @@ def test_pretrain_saves_a_backbone_that_finetune_loads(tmp_path, domains, write_
     weights = load_file(run / "model.safetensors")
     assert not any(k.startswith("fc.") or "projector" in k for k in weights)
     saved = yaml.safe_load((run / "config.yaml").read_text())
-    assert saved["model"]["num_classes"] == 0
+    assert saved["resolved"]["model.num_classes"] == 0
     ft = small_config(tmp_path, source, target_val, train={"epochs": 1})
     ft["model"]["pretrained"] = str(run)
     proc = run_cli("finetune", write_config(ft, "ft.yaml"), "experiment=ft")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import COLOURS, IMAGE_SIZE
 
-from tlkd.config.loader import validate
+from tlkd.config.loader import validate, with_values
 from tlkd.data.datasets import build_splits
 from tlkd.errors import ConfigError
 
@@ -159,16 +159,18 @@ def test_transforms_give_the_configured_size(squares):
 
     from tlkd.data.pipeline import build_transforms, resolve_input
 
-    cfg = validate({"data": {"train": str(squares[0]), "image_size": 24}}).data
-    model_cfg = resolve_input(cfg, timm.create_model("test_resnet", num_classes=3))
-    assert cfg.crop_pct == pytest.approx(0.95)  # the model's own, for an image folder
-    train_tf, eval_tf = build_transforms(cfg, model_cfg)
+    cfg = validate({"data": {"train": str(squares[0]), "image_size": 24}})
+    model_cfg, values = resolve_input(cfg.data, timm.create_model("test_resnet", num_classes=3))
+    assert values["data.crop_pct"] == pytest.approx(0.95)  # the model's own, for a folder
+    assert cfg.data.crop_pct is None  # the validated config is read-only
+    train_tf, eval_tf = build_transforms(with_values(cfg, values).data, model_cfg)
     img = splits(*squares).train[0][0]
     assert tuple(train_tf(img).shape) == (3, 24, 24)
     assert tuple(eval_tf(img).shape) == (3, 24, 24)
     digits = validate({}).data
-    resolve_input(digits, timm.create_model("test_resnet", num_classes=3))
-    assert (digits.image_size, digits.crop_pct) == (32, 1.0)  # tiny-image dataset defaults
+    _, values = resolve_input(digits, timm.create_model("test_resnet", num_classes=3))
+    # tiny-image dataset defaults
+    assert (values["data.image_size"], values["data.crop_pct"]) == (32, 1.0)
 
 
 def test_subset_seed_fixes_the_picks_across_run_seeds(tmp_path, squares):

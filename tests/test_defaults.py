@@ -12,7 +12,7 @@ import torch
 import yaml
 from conftest import MODEL, small_config, write_images
 
-from tlkd.config.loader import load_config
+from tlkd.config.loader import effective, load_config, validate
 from tlkd.config.schema import AugmentConfig, ModelConfig
 from tlkd.data.defaults import (
     POLICIES,
@@ -132,17 +132,21 @@ def test_dry_run_plan_and_saved_config_record_the_choices(tmp_path, write_config
     assert result.exit_code == 0, result.output
     run = tmp_path / "runs" / "tiny"
     saved = yaml.safe_load((run / "config.yaml").read_text())
-    assert saved["data"]["image_size"] == 32 and saved["data"]["crop_pct"] == 1.0
-    assert saved["data"]["augment"]["policy"] == "none"
-    assert saved["data"]["augment"]["scale"] == [1.0, 1.0]
-    assert saved["train"]["optimizer"]["weight_decay"] == 5e-4
-    assert saved["train"]["optimizer"]["lr"] == 0.00625
-    assert saved["train"]["scheduler"]["warmup_epochs"] == 0  # 1 epoch: no warm-up
+    # the config as given (read-only), and beside it what tlkd chose
+    assert saved["data"]["image_size"] is None and saved["train"]["optimizer"]["lr"] is None
+    chose = saved["resolved"]
+    assert chose["data.image_size"] == 32 and chose["data.crop_pct"] == 1.0
+    assert chose["data.augment"]["policy"] == "none"
+    assert chose["data.augment"]["scale"] == [1.0, 1.0]
+    assert chose["train.optimizer.weight_decay"] == 5e-4
+    assert chose["train.optimizer.lr"] == 0.00625
+    assert chose["train.scheduler.warmup_epochs"] == 0  # 1 epoch: no warm-up
     summary = json.loads((run / "summary.json").read_text())
+    assert summary["resolved"] == chose
     assert summary["defaults_chosen"]["augment"].startswith("none (auto: 1 epochs")
     assert summary["weights"] == "random"
-    # the saved config reruns as it ran: every default it chose is now explicit
-    again = load_config(run / "config.yaml")
+    # the saved config reruns as it ran: what tlkd chose comes with it
+    again = effective(load_config(run / "config.yaml"))
     assert again.data.augment.policy == "none" and again.data.image_size == 32
 
 
@@ -160,9 +164,9 @@ def test_resume_keeps_the_first_choices(tmp_path, write_config, cli):
     run = tmp_path / "runs" / "tiny"
     result = cli("finetune", path, "--resume", run, "train.epochs=6")
     assert result.exit_code == 0, result.output
-    saved = yaml.safe_load((run / "config.yaml").read_text())
-    assert saved["data"]["augment"]["policy"] == "none"
-    assert saved["train"]["scheduler"]["warmup_epochs"] == 0
+    saved = yaml.safe_load((run / "config.yaml").read_text())["resolved"]
+    assert saved["data.augment"]["policy"] == "none"
+    assert saved["train.scheduler.warmup_epochs"] == 0
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 6
 
 
@@ -214,3 +218,27 @@ def test_teacher_refuses_auto(tmp_path, write_config):
     cfg = small_config(tmp_path, None, None, teacher={"name": MODEL, "pretrained": "auto"})
     with pytest.raises(ConfigError, match="teacher.pretrained"):
         load_config(write_config(cfg))
+
+
+def test_the_validated_config_is_read_only(tmp_path):
+    """Nothing writes into the user's config: building a run makes a new one with the chosen
+    values, and lists them (``resolved``) for config.yaml and summary.json."""
+    from pydantic import ValidationError
+
+    from tlkd.recipes.build import build_experiment
+
+    train = write_images(tmp_path / "train", per_class=4, size=24, seed=1)
+    val = write_images(tmp_path / "val", per_class=2, size=24, seed=2)
+    raw = _plan_config(tmp_path, train, val)
+    raw["train"]["precision"] = "fp32"
+    cfg = validate(raw)
+    before = cfg.model_dump()
+    with pytest.raises(ValidationError, match="frozen"):
+        cfg.data.image_size = 64
+    exp = build_experiment(cfg, dry_run=True)
+    assert cfg.model_dump() == before
+    assert cfg.data.image_size is None and cfg.train.optimizer.lr is None
+    assert exp.source is cfg
+    assert exp.cfg.data.image_size == exp.resolved["data.image_size"] == 32
+    assert exp.cfg.train.optimizer.lr == exp.resolved["train.optimizer.lr"]
+    assert exp.cfg.model.num_classes == exp.resolved["model.num_classes"] == 3

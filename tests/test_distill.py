@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 import tlkd.models  # noqa: F401  registers the CIFAR models
 from tlkd.config import load_config
+from tlkd.config.loader import effective
 from tlkd.config.schema import LossConfig, TeacherConfig
 from tlkd.distill import losses as L
 from tlkd.distill.objective import Distillation
@@ -156,7 +157,7 @@ def test_distill_run_saves_student_without_adapters(tmp_path):
     assert {"train_loss_kd", "train_loss_ce", "train_loss_fitnet"} <= set(row)
     assert summary["teachers"][0]["params"] == summary["student_params"] == 272_474
     assert summary["student_latency_ms"] > 0 and summary["teacher0_latency_ms"] > 0
-    resolved = load_config(run / "config.yaml")
+    resolved = effective(load_config(run / "config.yaml"))
     # fitnet's default: one hint layer, stage 2 (RepDistiller's hint_layer=2), saved
     assert resolved.distill.losses[2].student_layers == [2]
     assert resolved.distill.losses[2].teacher_layers == [2]

@@ -82,16 +82,18 @@ def test_summary(trained_run):
     assert versions["tlkd"] == tlkd.__version__
 
 
-def test_config_yaml_is_the_resolved_config(trained_run):
+def test_config_yaml_is_the_config_and_what_tlkd_chose(trained_run):
     saved = yaml.safe_load((trained_run.dir / "config.yaml").read_text())
     assert saved["experiment"] == "shared"
     assert saved["model"]["name"] == MODEL
-    assert saved["model"]["num_classes"] == 3  # filled in from the data
+    assert saved["model"]["num_classes"] is None  # as given; chosen from the data:
+    assert saved["resolved"]["model.num_classes"] == 3
     assert saved["data"]["train"] == str(trained_run.train)
     assert saved["data"]["image_size"] == 16
     assert saved["train"]["epochs"] == 2
     assert saved["train"]["optimizer"]["weight_decay"] == 0.0
-    assert saved["train"]["scheduler"]["warmup_epochs"] == 0  # defaults written out too
+    assert saved["train"]["scheduler"]["name"] == "none"
+    assert saved["resolved"]["train.scheduler.warmup_epochs"] == 0  # no scheduler, no warm-up
 
 
 def test_checkpoint_loads_with_weights_only(trained_run):

@@ -21,15 +21,16 @@ def test_auto_times_the_candidates_and_records_the_choice(tmp_path, squares, wri
     line = next(x for x in proc.stdout.splitlines() if x.startswith("auto "))
     assert "fp32 " in line and "fp32+cl" in line and "steps/s" in line
     saved = yaml.safe_load((tmp_path / "runs" / "auto" / "config.yaml").read_text())
-    assert saved["train"]["precision"] in ("fp32", "bf16")
-    assert isinstance(saved["train"]["channels_last"], bool)
+    saved = saved["resolved"]
+    assert saved["train.precision"] in ("fp32", "bf16")
+    assert isinstance(saved["train.channels_last"], bool)
     summary = json.loads((tmp_path / "runs" / "auto" / "summary.json").read_text())
-    assert summary["precision"] == ("bfloat16" if saved["train"]["precision"] == "bf16" else "fp32")
+    assert summary["precision"] == ("bfloat16" if saved["train.precision"] == "bf16" else "fp32")
     # the next run reuses the measurement
     proc = run_cli("finetune", write_config(cfg), "experiment=again")
     assert "measured before" in proc.stdout, proc.stdout
     again = yaml.safe_load((tmp_path / "runs" / "again" / "config.yaml").read_text())
-    assert again["train"]["precision"] == saved["train"]["precision"]
+    assert again["resolved"]["train.precision"] == saved["train.precision"]
 
 
 def test_fixed_settings_are_not_timed_and_a_clear_winner_is_chosen(monkeypatch, tmp_path):

@@ -47,6 +47,50 @@ def resolved_dict(cfg: Config) -> dict[str, Any]:
     return cfg.model_dump(mode="json")
 
 
+def with_values(cfg: Config, values: dict[str, Any]) -> Config:
+    """A new config: ``cfg`` with the dotted keys of ``values`` set (``data.image_size``,
+    ``distill.losses.0.student_layers``; a section may be given whole), validated again. The
+    keys the user set stay set and the others keep their defaults, so rules that look at what
+    was set explicitly (the augmentation policy) see the same. ``cfg`` is not changed."""
+    if not values:
+        return cfg
+    raw = cfg.model_dump(exclude_unset=True)
+    for key, value in values.items():
+        if isinstance(value, BaseModel):
+            value = value.model_dump(exclude_unset=True)
+        _set_path(raw, key.split("."), value, key)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise _to_config_error(err) from None
+
+
+def effective(cfg: Config) -> Config:
+    """``cfg`` with its ``resolved`` values applied: what a saved run actually used."""
+    return with_values(cfg, cfg.resolved) if cfg.resolved else cfg
+
+
+def _set_path(node: Any, parts: list[str], value: Any, key: str) -> None:
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(key, f"no item {part} in a list of {len(node)}")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                if not isinstance(node.get(part), (dict, list)):
+                    node[part] = {}
+                node = node[part]
+        else:
+            raise ConfigError(key, f"{'.'.join(parts[:i])} is a value, not a section")
+
+
 def read_yaml(path: Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Read one experiment file and merge it over the file its ``base:`` key names."""
     path = path.expanduser().resolve()
@@ -129,24 +173,26 @@ def apply_override(raw: dict[str, Any], text: str) -> None:
 def _absolute_paths(cfg: Config) -> Config:
     """Relative paths are relative to the working directory; store them absolute so the saved
     config reruns from anywhere."""
-    cfg.output_dir = cfg.output_dir.expanduser().resolve()
+    values: dict[str, Any] = {"output_dir": cfg.output_dir.expanduser().resolve()}
     data = cfg.data
-    data.root = data.root.expanduser().resolve()
-    if data.train is not None:
-        data.train = data.train.expanduser().resolve()
-    if data.val is not None:
-        data.val = data.val.expanduser().resolve()
-    if data.unlabeled is not None:
-        data.unlabeled = data.unlabeled.expanduser().resolve()
+    for key in ("root", "train", "val", "unlabeled", "cache_dir"):
+        if getattr(data, key) is not None:
+            values[f"data.{key}"] = getattr(data, key).expanduser().resolve()
     if cfg.adapt is not None and cfg.adapt.source_val is not None:
-        cfg.adapt.source_val = cfg.adapt.source_val.expanduser().resolve()
-    if data.cache_dir is not None:
-        data.cache_dir = data.cache_dir.expanduser().resolve()
+        values["adapt.source_val"] = cfg.adapt.source_val.expanduser().resolve()
     if isinstance(cfg.model.pretrained, str) and cfg.model.pretrained != "auto":
-        cfg.model.pretrained = _absolute(cfg.model.pretrained)
-    for teacher in cfg.teacher_list:  # teacher: or teachers: (the same objects)
+        values["model.pretrained"] = _absolute(cfg.model.pretrained)
+    for i, teacher in enumerate(cfg.teacher_list):
         if isinstance(teacher.pretrained, str):  # true/false stay booleans
-            teacher.pretrained = _absolute(teacher.pretrained)
+            key = f"teachers.{i}" if cfg.teachers is not None else "teacher"
+            values[f"{key}.pretrained"] = _absolute(teacher.pretrained)
+    changed = {k: v for k, v in values.items() if _get(cfg, k) != v}
+    return with_values(cfg, changed)
+
+
+def _get(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = cfg[int(part)] if isinstance(cfg, list) else getattr(cfg, part)
     return cfg
 
 
@@ -161,6 +207,8 @@ def _to_config_error(err: ValidationError) -> ConfigError:
         parent = [p for p in parent if not _is_union_tag(p)]
         key = ".".join(str(p) for p in [*parent, name])
         hint = _unknown_key_hint(parent, str(name))
+        if not key.isprintable():  # one line, whatever the key holds (a newline, ...)
+            key = key.encode("unicode_escape").decode("ascii")
         return ConfigError(None, f"unknown key '{key}'{hint}")
     loc = [p for p in first["loc"] if not _is_union_tag(p)]
     key = ".".join(str(p) for p in loc)

@@ -53,4 +53,5 @@ def fill_params(section: Any, entry: Entry, keys: Mapping[str, Any], what: str) 
         if key not in entry.params and value is not None:
             raise ValueError(f"{key} does not apply to {what}")
         if value is None and key in entry.params and entry.params[key][1] is not None:
-            setattr(section, key, entry.params[key][1])
+            # the section is still being validated: its frozen fields are set through __dict__
+            section.__dict__[key] = entry.params[key][1]

@@ -32,11 +32,12 @@ ScalarArg = bool | int | float | str
 
 
 class Section(BaseModel):
-    """Base of every config section: strict about unknown keys, checked on assignment."""
+    """Base of every config section: strict about unknown keys, and read-only once validated
+    (values tlkd chooses go into a new config, see tlkd.config.loader.with_values)."""
 
     model_config = ConfigDict(
         extra="forbid",
-        validate_assignment=True,
+        frozen=True,
         protected_namespaces=(),
         coerce_numbers_to_str=True,
     )
@@ -173,7 +174,8 @@ class DataConfig(Section):
             raise ValueError("set samples_per_class or fraction, not both")
         if self.dataset is None:
             folders = (self.train, self.val, self.unlabeled)
-            self.dataset = "folder" if any(f is not None for f in folders) else "digits"
+            # still being validated: the frozen model's fields are set through __dict__
+            self.__dict__["dataset"] = "folder" if any(f is not None for f in folders) else "digits"
         if self.dataset == "folder" and self.train is None and self.val is None:
             raise ValueError("dataset 'folder' needs data.train (an image folder)")
         if self.dataset != "folder" and (self.train is not None or self.val is not None):
@@ -413,6 +415,9 @@ class Config(Section):
     distill: DistillConfig | None = None
     adapt: AdaptConfig | None = None  # tlkd adapt
     pretrain: PretrainConfig | None = None  # tlkd pretrain
+    # values tlkd chose at a run's first start for keys left unset ("data.image_size": 32, ...),
+    # written by tlkd into the run's config.yaml; a rerun or a resume of it uses them
+    resolved: dict[str, Any] = Field(default_factory=dict)
 
     @property
     def teacher_list(self) -> list[TeacherConfig]:

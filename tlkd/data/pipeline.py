@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from timm.data import create_transform, resolve_model_data_config
@@ -87,21 +88,24 @@ class Loaders:
     note: str = ""  # why the in-memory path was or was not taken, for the plan and summary
 
 
-def resolve_input(data: DataConfig, model: torch.nn.Module) -> dict:
-    """Fill image_size, crop_pct and interpolation from the model's timm data config (tiny-image
-    datasets default to 32 px and no crop) and return that data config."""
+def resolve_input(data: DataConfig, model: torch.nn.Module) -> tuple[dict, dict[str, Any]]:
+    """The model's timm data config, and the values it gives for the input keys left unset:
+    ``{"data.image_size": ..., "data.crop_pct": ..., "data.interpolation": ...}`` (tiny-image
+    datasets default to 32 px and no crop). ``data`` is not changed."""
     # timm reports the model's default size (often 224) even for models built for another size,
     # so the size is always passed explicitly (see notes on resolve_model_data_config).
     model_cfg = resolve_model_data_config(model)
     small = data.dataset in SMALL_IMAGE_DATASETS
+    values: dict[str, Any] = {}
     if data.image_size is None:
-        data.image_size = 32 if small else int(model_cfg["input_size"][-1])
+        values["data.image_size"] = 32 if small else int(model_cfg["input_size"][-1])
     if data.crop_pct is None:
-        data.crop_pct = 1.0 if small else float(model_cfg.get("crop_pct", 0.875))
+        values["data.crop_pct"] = 1.0 if small else float(model_cfg.get("crop_pct", 0.875))
     if data.interpolation is None:
         interp = model_cfg.get("interpolation", "bilinear")
-        data.interpolation = interp if interp in ("bilinear", "bicubic", "nearest") else "bilinear"
-    return model_cfg
+        ok = interp in ("bilinear", "bicubic", "nearest")
+        values["data.interpolation"] = interp if ok else "bilinear"
+    return model_cfg, values
 
 
 def build_transforms(data: DataConfig, model_cfg: dict) -> tuple[Callable, Callable]:

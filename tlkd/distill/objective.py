@@ -66,7 +66,7 @@ class Distillation(Objective):
     ) -> None:
         super().__init__()
         self.teachers = teachers  # a plain list: not submodules (see module docstring)
-        self.losses = losses
+        self.losses = list(losses)  # its own list: the resolved layers go in (not the config)
         self.teacher_weights = teacher_weights
         self.tasks = tasks or []
         self.task_index = [
@@ -94,8 +94,7 @@ class Distillation(Objective):
                 )
                 if len(s_layers) != len(t_layers):
                     raise ConfigError(key, "student_layers and teacher_layers must pair up")
-                # record the resolved layers in the config (the list is the config's own)
-                losses[i] = loss.model_copy(
+                self.losses[i] = loss.model_copy(
                     update={"student_layers": s_layers, "teacher_layers": t_layers}
                 )
                 self.pairs[i] = (s_layers, t_layers, t)

@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from tlkd.config import safe_yaml
-from tlkd.config.loader import validate
+from tlkd.config.loader import effective, validate
 from tlkd.config.schema import ModelConfig, TeacherConfig
 from tlkd.distill.features import FeatureTap, Layer
 from tlkd.errors import ConfigError
@@ -101,7 +101,8 @@ def build_teacher(cfg: TeacherConfig, key: str, student_mean: tuple, student_std
         run = Path(cfg.pretrained)
         file = weights_file(run, f"{key}.pretrained")
         if (run / CONFIG).is_file():
-            run_cfg = validate(safe_yaml.safe_load((run / CONFIG).read_text())).model
+            saved = validate(safe_yaml.safe_load((run / CONFIG).read_text()))
+            run_cfg = effective(saved).model
             if run_cfg.name != cfg.name:
                 raise ConfigError(
                     f"{key}.name",

@@ -46,6 +46,7 @@ def adapt(
     reporter = reporter or Reporter(cfg.train.log_every)
     target = unlabeled(cfg.data.unlabeled, cfg.data.unlabeled_limit, subset_seed(cfg))
     exp = build_experiment(cfg, log=reporter.print, resume=resume, dry_run=dry_run)
+    cfg = exp.cfg
     memory = exp.loaders.in_memory
     runtime = {"device": exp.device, "dtype": exp.dtype, "channels_last": cfg.train.channels_last}
     opts = dict(in_memory=memory, log=reporter.print)

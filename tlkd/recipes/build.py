@@ -11,11 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import BaseModel
 from timm.data import resolve_model_data_config
 from timm.optim import list_optimizers
 from torch import nn
 
 from tlkd.config import safe_yaml
+from tlkd.config.loader import with_values
 from tlkd.config.schema import Config
 from tlkd.config.suggest import did_you_mean
 from tlkd.data import defaults
@@ -33,7 +35,9 @@ from tlkd.run.rundir import CONFIG, check_output_dir
 
 @dataclass
 class Experiment:
-    """Everything built from a config, before any training."""
+    """Everything built from a config, before any training. ``cfg`` is the config the run
+    uses: ``source`` (the validated config, read-only) with the values tlkd chose
+    (``resolved``, dotted key -> value; the reasons of the defaults in ``choices``)."""
 
     cfg: Config
     splits: Splits
@@ -45,10 +49,71 @@ class Experiment:
     model_cfg: dict  # timm's data config of the model (mean, std, ...)
     # defaults chosen from the data and the run: key -> why (plan lines, summary.json)
     choices: dict[str, str] = field(default_factory=dict)
+    source: Config | None = None
+    resolved: dict[str, Any] = field(default_factory=dict)
 
     @property
     def classes(self) -> list[str]:
         return self.splits.classes
+
+    def record(self, values: dict[str, Any]) -> None:
+        """Values a mode chose after the build (e.g. distillation layers): into ``cfg`` and
+        ``resolved``."""
+        values = {k: _plain(v) for k, v in values.items()}
+        self.cfg = with_values(self.cfg, values)
+        self.resolved.update(values)
+
+
+class Resolution:
+    """The config being resolved: each chosen value makes a new config (the validated one is
+    read-only) and is recorded, with its reason for the plan. Values a run's first start
+    chose (``first``: a resumed run's, or a saved config's ``resolved``) are taken again for
+    keys still left unset, so a resume or a rerun does what the first start did."""
+
+    def __init__(self, cfg: Config, first: dict[str, Any]) -> None:
+        self.cfg, self.first = cfg, first
+        self.values: dict[str, Any] = {}
+        self.choices: dict[str, str] = {}
+
+    def keep_first(self, key: str, name: str | None = None) -> bool:
+        """Take the first start's value of ``key`` if there is one and ``key`` is unset."""
+        if key not in self.first or not _unset(_get(self.cfg, key)):
+            return False
+        self.set(key, self.first[key])
+        if name:
+            shown = self.first[key].get("policy") if name == "augment" else self.first[key]
+            self.choices[name] = f"{shown} (as the run's first start chose)"
+        return True
+
+    def set(self, key: str, value: Any, name: str | None = None, why: str | None = None) -> None:
+        value = _plain(value)
+        if _plain(_get(self.cfg, key)) == value:
+            return
+        self.cfg = with_values(self.cfg, {key: value})
+        self.values[key] = value
+        if name and why:
+            self.choices[name] = why
+
+
+def _unset(value: Any) -> bool:
+    return value is None or value == "auto" or getattr(value, "policy", None) == "auto"
+
+
+def _get(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = cfg[int(part)] if isinstance(cfg, list) else getattr(cfg, part)
+    return cfg
+
+
+def _plain(value: Any) -> Any:
+    """YAML-able: sections as mappings, paths as strings, tuples as lists."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return list(value)
+    return value
 
 
 def build_experiment(
@@ -59,12 +124,19 @@ def build_experiment(
     resume: Path | None = None,
     classifier: bool = True,
     dry_run: bool = False,
+    implied: dict[str, Any] | None = None,
 ) -> Experiment:
     """Validate what needs the file system or timm, then build data and model (no training).
-    Resolved values (image size, classes, ``auto`` precision and memory layout) are written
-    back into ``cfg``; a resumed run keeps the values its first start chose. A dry run measures
-    nothing: ``auto`` settings stay ``auto`` unless a measurement is remembered."""
+    ``cfg`` is not changed: the values chosen (image size, classes, defaults, ``auto``
+    precision and memory layout, and the mode's ``implied`` values) make ``exp.cfg`` and are
+    listed in ``exp.resolved``; a resumed run keeps the values its first start chose. A dry run
+    measures nothing: ``auto`` settings stay ``auto`` unless a measurement is remembered."""
     log = log or _log
+    source = cfg
+    r = Resolution(cfg, {**_first_choices(resume), **cfg.resolved})
+    for key, value in (implied or {}).items():
+        r.set(key, value)
+    cfg = r.cfg
     if for_training:  # before building anything: a run that could not save is no run
         if resume is not None:
             check_output_dir(resume, "--resume", write=not dry_run)
@@ -84,71 +156,68 @@ def build_experiment(
             "model.num_classes",
             f"is {cfg.model.num_classes} but the data has {len(splits.classes)} classes",
         )
-    if classifier:
-        cfg.model.num_classes = len(splits.classes)
-        model, weights = build_model(cfg.model, len(splits.classes), splits.classes)
-    else:  # a backbone alone (pretrain): features out, no classifier
-        cfg.model.num_classes = 0
-        model, weights = build_model(cfg.model, 0, None)
-    choices: dict[str, str] = {}
-    saved = _saved_config(resume)
+    r.set("model.num_classes", len(splits.classes) if classifier else 0)
+    cfg = r.cfg
+    model, weights = build_model(
+        cfg.model, cfg.model.num_classes, splits.classes if classifier else None
+    )
     if for_training:
-        _resolve_optimizer(cfg, weights.loaded > 0, saved, choices)
+        _resolve_optimizer(r, weights.loaded > 0)
     native = (  # the training images' own size, read once for the two rules below
         _native_size(splits.train, subset_seed(cfg))
         if cfg.data.dataset not in SMALL_IMAGE_DATASETS
         and (for_training or cfg.data.image_size is None)
         else None
     )
-    if cfg.data.image_size is None:
-        cfg.data.image_size, choices["image_size"] = _default_image_size(cfg, native, model)
-    model_cfg = resolve_input(cfg.data, model)
+    if not r.keep_first("data.image_size", "image_size") and cfg.data.image_size is None:
+        _default_image_size(r, native, model)
+    r.keep_first("data.crop_pct")
+    model_cfg, values = resolve_input(r.cfg.data, model)  # the model's defaults for the rest
+    for key, value in values.items():
+        r.set(key, value)
     if for_training:
-        _resolve_augment(cfg, len(splits.train), native, weights.loaded > 0, saved, choices)
+        _resolve_augment(r, len(splits.train), native, weights.loaded > 0)
     model.to(device)
-    _resolve_knobs(cfg, model, model_cfg, device, for_training, log, resume, dry_run)
+    _resolve_knobs(r, model, model_cfg, device, for_training, log, dry_run)
+    cfg = r.cfg
     dtype = autocast_dtype(cfg.train.precision, device)
     if cfg.train.channels_last is True:
         model.to(memory_format=torch.channels_last)
     loaders = build_loaders(cfg, splits, model_cfg, device, log)
-    return Experiment(cfg, splits, model, weights, loaders, device, dtype, model_cfg, choices)
+    return Experiment(
+        cfg, splits, model, weights, loaders, device, dtype, model_cfg, r.choices, source,
+        r.values,
+    )  # fmt: skip
 
 
-def _saved_config(resume: Path | None) -> dict[str, Any]:
-    """The config a resumed run was first started with ({} for a new run)."""
+def _first_choices(resume: Path | None) -> dict[str, Any]:
+    """What a resumed run's first start chose: its config.yaml's ``resolved`` section, or,
+    for a run saved before that section existed, nothing (its values are in place)."""
     if resume is None or not (resume / CONFIG).is_file():
         return {}
     saved = safe_yaml.safe_load((resume / CONFIG).read_text())
-    return saved if isinstance(saved, dict) else {}
+    first = saved.get("resolved") if isinstance(saved, dict) else None
+    return dict(first) if isinstance(first, dict) else {}
 
 
-def _resolve_optimizer(
-    cfg: Config, pretrained: bool, saved: dict[str, Any], choices: dict[str, str]
-) -> None:
+def _resolve_optimizer(r: Resolution, pretrained: bool) -> None:
     """Learning rate, weight decay and warm-up left unset, by the rules of data/defaults.py;
     a resumed run keeps what its first start chose (the warm-up depends on the epochs, which
     a resume may change)."""
-    t = cfg.train
-    opt, sched = t.optimizer, t.scheduler
-    first = saved.get("train", {}) if isinstance(saved.get("train"), dict) else {}
-    for section, obj in (("optimizer", opt), ("scheduler", sched)):
-        values = first.get(section) if isinstance(first.get(section), dict) else {}
-        for key in ("lr", "weight_decay", "warmup_epochs"):
-            if getattr(obj, key, 0) is None and values.get(key) is not None:
-                setattr(obj, key, values[key])
-                choices[key] = f"{values[key]:g} (as the run's first start chose)"
-    if opt.lr is None:
-        opt.lr, why = defaults.default_lr(opt.name, pretrained, t.batch_size * t.accum_steps)
-        choices["lr"] = f"{opt.lr:g} ({why})"
-    if opt.weight_decay is None:
-        opt.weight_decay, why = defaults.default_weight_decay(opt.name)
-        choices["weight_decay"] = f"{opt.weight_decay:g} ({why})"
-    if sched.warmup_epochs is None:
-        if sched.name == "none":
-            sched.warmup_epochs, why = 0, "no scheduler"
-        else:
-            sched.warmup_epochs, why = defaults.default_warmup(t.epochs)
-        choices["warmup_epochs"] = f"{sched.warmup_epochs} ({why})"
+    t = r.cfg.train
+    if not r.keep_first("train.optimizer.lr", "lr") and t.optimizer.lr is None:
+        lr, why = defaults.default_lr(t.optimizer.name, pretrained, t.batch_size * t.accum_steps)
+        r.set("train.optimizer.lr", lr, "lr", f"{lr:g} ({why})")
+    wd_first = r.keep_first("train.optimizer.weight_decay", "weight_decay")
+    if not wd_first and r.cfg.train.optimizer.weight_decay is None:
+        wd, why = defaults.default_weight_decay(t.optimizer.name)
+        r.set("train.optimizer.weight_decay", wd, "weight_decay", f"{wd:g} ({why})")
+    warm_first = r.keep_first("train.scheduler.warmup_epochs", "warmup_epochs")
+    if not warm_first and r.cfg.train.scheduler.warmup_epochs is None:
+        warm, why = (
+            (0, "no scheduler") if t.scheduler.name == "none" else defaults.default_warmup(t.epochs)
+        )
+        r.set("train.scheduler.warmup_epochs", warm, "warmup_epochs", f"{warm} ({why})")
 
 
 def _native_size(ds: LabeledImages, seed: int) -> int | None:
@@ -163,7 +232,13 @@ def _native_size(ds: LabeledImages, seed: int) -> int | None:
     return defaults.median_size([ds[i][0].size for i in picks])
 
 
-def _default_image_size(cfg: Config, native: int | None, model: nn.Module) -> tuple[int, str]:
+def _default_image_size(r: Resolution, native: int | None, model: nn.Module) -> None:
+    size, why = _image_size(r, native, model)
+    r.set("data.image_size", size, "image_size", why)
+
+
+def _image_size(r: Resolution, native: int | None, model: nn.Module) -> tuple[int, str]:
+    cfg = r.cfg
     if cfg.data.dataset in SMALL_IMAGE_DATASETS:
         return 32, f"{cfg.data.dataset}: a dataset of tiny images"
     patch = getattr(model, "patch_embed", None)
@@ -177,25 +252,15 @@ def _default_image_size(cfg: Config, native: int | None, model: nn.Module) -> tu
     fixed = bool(getattr(model, "pretrained_cfg", {}).get("fixed_input_size", False))
     if native is not None and native <= model_size and not fixed and cfg.data.crop_pct is None:
         # the images are used at their own size: the eval view keeps all of it, as training's
-        cfg.data.crop_pct = 1.0
+        r.set("data.crop_pct", 1.0)
     return defaults.choose_image_size(native, model_size, fixed)
 
 
-def _resolve_augment(
-    cfg: Config,
-    train_images: int,
-    native: int | None,
-    pretrained: bool,
-    saved: dict[str, Any],
-    choices: dict[str, str],
-) -> None:
+def _resolve_augment(r: Resolution, train_images: int, native: int | None, pretrained: bool):
     """``data.augment``'s policy applied (a resumed run keeps what its first start chose)."""
-    aug = cfg.data.augment
-    first = saved.get("data") if isinstance(saved.get("data"), dict) else {}
-    if aug.policy == "auto" and isinstance(first.get("augment"), dict):
-        cfg.data.augment = type(aug).model_validate(first["augment"])
-        choices["augment"] = f"{cfg.data.augment.policy} (as the run's first start chose)"
+    if r.keep_first("data.augment", "augment"):
         return
+    cfg = r.cfg
     facts = defaults.RunFacts(
         image_px=native or (32 if cfg.data.dataset in SMALL_IMAGE_DATASETS else None),
         train_images=train_images,
@@ -204,8 +269,8 @@ def _resolve_augment(
         mode=mode_of(cfg),
         dataset=cfg.data.dataset or "folder",
     )
-    cfg.data.augment, why = defaults.resolve_augment(aug, facts)
-    choices["augment"] = f"{cfg.data.augment.policy} ({why})"
+    augment, why = defaults.resolve_augment(cfg.data.augment, facts)
+    r.set("data.augment", augment, "augment", f"{augment.policy} ({why})")
 
 
 def subset_seed(cfg: Config) -> int:
@@ -213,20 +278,19 @@ def subset_seed(cfg: Config) -> int:
     return cfg.data.subset_seed if cfg.data.subset_seed is not None else cfg.seed
 
 
-def _resolve_knobs(cfg, model, model_cfg, device, for_training, log, resume, dry_run) -> None:
+def _resolve_knobs(r: Resolution, model, model_cfg, device, for_training, log, dry_run) -> None:
+    r.keep_first("train.precision")  # what the first start measured
+    r.keep_first("train.channels_last")
+    cfg = r.cfg
     t = cfg.train
-    if resume is not None and (resume / CONFIG).is_file():  # what the first start chose
-        saved = (safe_yaml.safe_load((resume / CONFIG).read_text()) or {}).get("train", {})
-        if t.precision == "auto" and saved.get("precision") not in (None, "auto"):
-            t.precision = saved["precision"]
-        if t.channels_last == "auto" and isinstance(saved.get("channels_last"), bool):
-            t.channels_last = saved["channels_last"]
     batch = min(t.batch_size // distributed.info().world, 128)
     shape = (batch, int(model_cfg["input_size"][0]), cfg.data.image_size, cfg.data.image_size)
-    t.precision, t.channels_last = tune.choose(
+    precision, channels_last = tune.choose(
         t.precision, t.channels_last, model, device, shape, for_training, log,
         usable_cache_dir(cfg.data.cache_dir), measure=not dry_run,
     )  # fmt: skip
+    r.set("train.precision", precision)
+    r.set("train.channels_last", channels_last)
 
 
 def _log(message: str) -> None:

@@ -47,11 +47,14 @@ def distill(
         raise ConfigError("teacher", "distill needs a teacher (teacher: or teachers:)")
     if cfg.data.dataset == "folder" and cfg.data.train is None:
         raise ConfigError("data.train", "is required to train (an image folder)")
-    if cfg.distill is None:
-        cfg.distill = DistillConfig()
-    _tasks_define_classes(cfg)
+    implied: dict[str, Any] = {}
+    if cfg.distill is None:  # a teacher alone: the default losses
+        implied["distill"] = DistillConfig().model_dump(mode="json")
+    else:
+        implied.update(_tasks_define_classes(cfg))
     reporter = reporter or Reporter(cfg.train.log_every)
-    exp = build_experiment(cfg, log=reporter.print, resume=resume, dry_run=dry_run)
+    exp = build_experiment(cfg, log=reporter.print, resume=resume, dry_run=dry_run, implied=implied)
+    cfg = exp.cfg
     teachers = [
         build_teacher(t, _teacher_key(cfg, i), exp.loaders.mean, exp.loaders.std).to(exp.device)
         for i, t in enumerate(cfg.teacher_list)
@@ -68,6 +71,14 @@ def distill(
         [t.weight for t in cfg.teacher_list],
         cfg.data.image_size,
         exp.device,
+    )
+    exp.record(  # the layers feature losses chose (their defaults), as config values
+        {
+            f"distill.losses.{i}.{side}": layers
+            for i, (s_layers, t_layers, _) in objective.pairs.items()
+            for side, layers in (("student_layers", s_layers), ("teacher_layers", t_layers))
+            if getattr(cfg.distill.losses[i], side) is None
+        }
     )
     plan, info = [], []
     for i, teacher in enumerate(teachers):
@@ -178,17 +189,17 @@ def _teacher_key(cfg: Config, i: int) -> str:
     return f"teachers.{i}" if cfg.teachers is not None else "teacher"
 
 
-def _tasks_define_classes(cfg: Config) -> None:
+def _tasks_define_classes(cfg: Config) -> dict[str, Any]:
     """With tasks, the student's classes are the tasks' classes, task after task."""
     tasks = cfg.distill.tasks
     if not tasks:
-        return
+        return {}
     union = [c for t in tasks for c in t.classes]
     if len(set(union)) != len(union):
         raise ConfigError("distill.tasks", "tasks must not share classes")
     if cfg.data.classes is not None and set(cfg.data.classes) != set(union):
         raise ConfigError("data.classes", "must be the tasks' classes together (or left out)")
-    cfg.data.classes = union
+    return {"data.classes": union}
 
 
 @torch.inference_mode()

@@ -12,13 +12,14 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 
-from tlkd.config.loader import load_config, resolved_dict
+from tlkd.config.loader import load_config, with_values
 from tlkd.engine.inference import classification_metrics, predict
 from tlkd.engine.progress import Reporter
 from tlkd.engine.speed import measure_speed
 from tlkd.errors import ConfigError
 from tlkd.models.factory import count_params
 from tlkd.recipes.build import build_experiment
+from tlkd.recipes.runner import saved_config
 from tlkd.run.plots import plot_confusion
 from tlkd.run.rundir import CONFIG, EVAL, WEIGHTS, RunDir, write_json
 from tlkd.versions import versions
@@ -102,8 +103,8 @@ def evaluate(
             )
         if any(o.startswith("data.val=") for o in overrides):
             overrides = ["data.dataset=folder", "data.train=null", *overrides]
-        cfg = load_config(path / CONFIG, overrides)
-        cfg.model.pretrained = str(path)  # the run's own best weights
+        # the run's own best weights
+        cfg = with_values(load_config(path / CONFIG, overrides), {"model.pretrained": str(path)})
         run = RunDir(path)
     elif path.is_file():
         cfg = load_config(path, overrides)
@@ -170,7 +171,7 @@ def evaluate(
     eval_name, confusion_name = EVAL, CONFUSION
     if run is None:
         run = RunDir.create(cfg.output_dir, f"{cfg.experiment}-eval")
-        run.save_config(resolved_dict(cfg))
+        run.save_config(saved_config(exp))
     elif given:  # the run's own eval.json stays the plain evaluation's
         slug = overrides_slug(given, cfg)
         eval_name, confusion_name = f"eval-{slug}.json", f"confusion-{slug}.png"

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from tlkd.config.loader import load_config
+from tlkd.config.loader import effective, load_config, with_values
 from tlkd.errors import ConfigError, TlkdError
 from tlkd.models.factory import build_model
 from tlkd.run.rundir import CONFIG, SUMMARY, WEIGHTS, write_error, write_json
@@ -25,9 +25,8 @@ def load_run_model(run: Path) -> tuple[torch.nn.Module, Any, list[str]]:
     for name in (CONFIG, WEIGHTS, SUMMARY):
         if not (run / name).is_file():
             raise ConfigError(None, f"{run} is not a tlkd run directory (no {name})")
-    cfg = load_config(run / CONFIG)
+    cfg = with_values(effective(load_config(run / CONFIG)), {"model.pretrained": str(run)})
     classes = json.loads((run / SUMMARY).read_text())["classes"]
-    cfg.model.pretrained = str(run)
     model, _ = build_model(cfg.model, len(classes), classes)
     return model.eval(), cfg, classes
 

@@ -34,6 +34,7 @@ def finetune(
         raise ConfigError("data.train", "is required to train (an image folder)")
     reporter = reporter or Reporter(cfg.train.log_every)
     exp = build_experiment(cfg, log=reporter.print, resume=resume, dry_run=dry_run)
+    cfg = exp.cfg
     if len(exp.splits.train) == 0:
         raise ConfigError("data", "no training images left after subsetting")
     objective = Classification(cfg.train.label_smoothing)

@@ -27,8 +27,6 @@ def pretrain(
     resume: Path | None = None,
 ) -> dict[str, Any] | None:
     """Pretrain as ``cfg`` says; returns the run's summary (None for a dry run)."""
-    if cfg.pretrain is None:
-        cfg.pretrain = PretrainConfig()
     if cfg.teacher_list or cfg.distill is not None or cfg.adapt is not None:
         key = "teacher" if cfg.teacher_list else ("distill" if cfg.distill else "adapt")
         raise ConfigError(key, "pretrain takes no teachers, distill or adapt section")
@@ -42,12 +40,16 @@ def pretrain(
         raise ConfigError("model.head", "pretrain trains a backbone; add the head in finetune")
     if cfg.data.train is not None:
         raise ConfigError("data.train", "pretrain reads data.unlabeled; leave data.train out")
-    cfg.data.dataset = "folder"
+    implied: dict[str, Any] = {"data.dataset": "folder"}  # data.unlabeled: an image folder
+    if cfg.pretrain is None:
+        implied["pretrain"] = PretrainConfig().model_dump(mode="json")
     reporter = reporter or Reporter(cfg.train.log_every)
     images = unlabeled(cfg.data.unlabeled, cfg.data.unlabeled_limit, subset_seed(cfg))
     exp = build_experiment(
-        cfg, log=reporter.print, resume=resume, dry_run=dry_run, classifier=False
-    )
+        cfg, log=reporter.print, resume=resume, dry_run=dry_run, classifier=False,
+        implied=implied,
+    )  # fmt: skip
+    cfg = exp.cfg
     loader = extra_loader(
         cfg, images, exp.model_cfg, exp.device, train=True, in_memory=exp.loaders.in_memory,
         generator=exp.loaders.train.generator, seed_offset=0, log=reporter.print,

@@ -12,7 +12,6 @@ import yaml
 
 from tlkd.config import safe_yaml
 from tlkd.config.loader import resolved_dict
-from tlkd.config.schema import Config
 from tlkd.engine import distributed
 from tlkd.engine.objectives import Objective
 from tlkd.engine.optim import build_optimizer, build_scheduler
@@ -50,7 +49,7 @@ def train(
     scheduler = build_scheduler(cfg, optimizer, updates_per_epoch)
     if dry_run:
         reporter.print("resolved config:")
-        reporter.print(yaml.safe_dump(resolved_dict(cfg), sort_keys=False).rstrip())
+        reporter.print(yaml.safe_dump(saved_config(exp), sort_keys=False).rstrip())
         reporter.print("")
         for line in plan_lines(exp, steps, mode) + (plan_extra or []):
             reporter.print(line)
@@ -59,7 +58,7 @@ def train(
     ddp = distributed.info()
     if resume is not None:
         run = RunDir(resume)
-        check_resumable(run, cfg)
+        check_resumable(run, exp)
         state, note = run.load_checkpoint()
     else:  # rank 0 picks the folder; the other processes use the same one
         run = RunDir(
@@ -69,7 +68,7 @@ def train(
         )
     write_summary_ = write_summary if ddp.is_main else (lambda *a, **k: None)
     if ddp.is_main:
-        run.save_config(resolved_dict(cfg))
+        run.save_config(saved_config(exp))
     reporter.print(f"run dir     {run.path}")
     for line in plan_lines(exp, steps, mode) + (plan_extra or []):
         reporter.print(line)
@@ -112,16 +111,27 @@ def train(
     return summary
 
 
-def check_resumable(run: RunDir, cfg: Config) -> None:
-    """Resuming must continue the same experiment: only the epoch count may change."""
+def saved_config(exp: Experiment) -> dict[str, Any]:
+    """config.yaml: the validated config as given, every default filled in, and beside it
+    (``resolved``) the values tlkd chose for it; loading it again reruns the same run."""
+    data = resolved_dict(exp.source if exp.source is not None else exp.cfg)
+    data["resolved"] = dict(exp.resolved)
+    return data
+
+
+def check_resumable(run: RunDir, exp: Experiment) -> None:
+    """Resuming must continue the same experiment: only the epoch count may change (the
+    values tlkd chose are the first start's, see build_experiment)."""
     saved_file = run.file(CONFIG)
     if not saved_file.is_file():
         raise ConfigError("--resume", f"{run.path} is not a tlkd run directory (no {CONFIG})")
     saved = _flatten(safe_yaml.safe_load(saved_file.read_text()))
-    now = _flatten(resolved_dict(cfg))
+    now = _flatten(saved_config(exp))
     ignored = {"train.epochs", "output_dir", "experiment", "data.cache_dir"}
     differ = sorted(
-        k for k in saved.keys() | now.keys() if k not in ignored and saved.get(k) != now.get(k)
+        k
+        for k in saved.keys() | now.keys()
+        if k not in ignored and not k.startswith("resolved.") and saved.get(k) != now.get(k)
     )
     if differ:
         shown = ", ".join(differ[:6]) + (", ..." if len(differ) > 6 else "")

@@ -108,6 +108,7 @@ def write_summary(
         "weights": "pretrained" if exp.weights.loaded else "random",
         "weights_warning": exp.weights.warning,
         "defaults_chosen": exp.choices,
+        "resolved": exp.resolved,  # the values tlkd chose (config.yaml: resolved)
         "versions": versions(),
     }
     summary.update(extra or {})
