@@ -22,9 +22,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/tlkd finetune configs/demo.yaml
 
-# one test process per core (pytest-xdist); each test process uses one thread
+# one test process per core (pytest-xdist; idle ones take queued tests from busy ones), one
+# thread each
 test: $(STAMP)
-	$(PY) -m pytest -n auto
+	$(PY) -m pytest -n auto --dist worksteal
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check tlkd tests bench

@@ -109,6 +109,22 @@ def test_sweep_runs_an_adapt_config(tmp_path, make_images, write_config, run_cli
         assert summary["mode"] == "adapt" and summary["status"] == "finished"
 
 
+def test_sweep_runs_a_pretrain_config(tmp_path, make_images, write_config, run_cli):
+    from conftest import small_config
+
+    images, val = make_images("images", per_class=4), make_images("val", per_class=2)
+    cfg = small_config(tmp_path, None, val, experiment="ssl", train={"epochs": 1})
+    cfg["data"]["unlabeled"] = str(images)
+    cfg["pretrain"] = {"knn_k": 3}
+    proc = run_cli("sweep", write_config(cfg), "--grid", "pretrain.temperature=0.2,0.5")
+    assert proc.returncode == 0, proc.stderr
+    for t in ("0.2", "0.5"):
+        run = tmp_path / "runs/ssl-sweep" / f"temperature-{t}"
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["mode"] == "pretrain" and summary["status"] == "finished"
+        assert f"temperature: {t}" in (run / "config.yaml").read_text()
+
+
 def test_sweep_bad_combination_fails_before_any_run(tmp_path, tiny_config, run_cli):
     from conftest import error_line
 
