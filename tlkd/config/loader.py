@@ -71,11 +71,14 @@ def effective(cfg: Config) -> Config:
 
 
 def _set_path(node: Any, parts: list[str], value: Any, key: str) -> None:
+    """Set ``value`` at the dotted ``parts`` of plain data (numeric parts index into lists;
+    missing or null sections are created)."""
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
+        where = ".".join(parts[: i + 1])
         if isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
-                raise ConfigError(key, f"no item {part} in a list of {len(node)}")
+                raise ConfigError(where, f"no item {part} in a list of {len(node)}")
             if last:
                 node[int(part)] = value
             else:
@@ -84,11 +87,12 @@ def _set_path(node: Any, parts: list[str], value: Any, key: str) -> None:
             if last:
                 node[part] = value
             else:
-                if not isinstance(node.get(part), (dict, list)):
+                if node.get(part) is None:
                     node[part] = {}
                 node = node[part]
         else:
-            raise ConfigError(key, f"{'.'.join(parts[:i])} is a value, not a section")
+            prefix = ".".join(parts[:i])
+            raise ConfigError(key, f"{prefix} is a value ({node!r}), not a section")
 
 
 def read_yaml(path: Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -146,28 +150,7 @@ def apply_override(raw: dict[str, Any], text: str) -> None:
         value = safe_yaml.safe_load(value_text) if value_text.strip() else None
     except yaml.YAMLError:
         value = value_text
-    parts = key.split(".")
-    node: Any = raw
-    for i, part in enumerate(parts):
-        last = i == len(parts) - 1
-        where = ".".join(parts[: i + 1])
-        if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
-                raise ConfigError(where, f"no item {part} in a list of {len(node)}")
-            if last:
-                node[int(part)] = value
-            else:
-                node = node[int(part)]
-        elif isinstance(node, dict):
-            if last:
-                node[part] = value
-            else:
-                if node.get(part) is None:
-                    node[part] = {}
-                node = node[part]
-        else:
-            prefix = ".".join(parts[:i])
-            raise ConfigError(key, f"{prefix} is a value ({node!r}), not a section")
+    _set_path(raw, key.split("."), value, key)
 
 
 def _absolute_paths(cfg: Config) -> Config:
