@@ -242,3 +242,41 @@ def test_the_validated_config_is_read_only(tmp_path):
     assert exp.cfg.data.image_size == exp.resolved["data.image_size"] == 32
     assert exp.cfg.train.optimizer.lr == exp.resolved["train.optimizer.lr"]
     assert exp.cfg.model.num_classes == exp.resolved["model.num_classes"] == 3
+
+
+def test_rerun_reuses_the_choices_and_overrides_choose_again(tmp_path, write_config, cli):
+    """A saved run's config reruns with what tlkd chose; with an override the choices are
+    made again for the new inputs; augmentation keys left to the policy stay unset."""
+    train = write_images(tmp_path / "train", per_class=6, size=24, seed=1)
+    val = write_images(tmp_path / "val", per_class=2, size=24, seed=2)
+    cfg = _plan_config(tmp_path, train, val, train={"epochs": 1})
+    assert cli("finetune", write_config(cfg)).exit_code == 0
+    saved_file = tmp_path / "runs" / "tiny" / "config.yaml"
+    saved = yaml.safe_load(saved_file.read_text())
+    assert saved["data"]["augment"] == {"policy": "auto"}  # the policy's keys: not written
+    assert saved["resolved"]["train.optimizer.lr"] == 0.000707  # adamw 2e-3 x sqrt(8 / 64)
+    again = load_config(saved_file)
+    assert effective(again).train.optimizer.lr == 0.000707
+    changed = load_config(saved_file, ["train.optimizer.name=sgd", "data.augment.policy=light"])
+    assert changed.resolved == {}  # chosen again, for sgd and the light policy
+    result = cli("finetune", saved_file, "train.optimizer.name=sgd", "data.augment.policy=light",
+                 "experiment=sgd")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    chose = yaml.safe_load((tmp_path / "runs" / "sgd" / "config.yaml").read_text())["resolved"]
+    assert chose["train.optimizer.lr"] == 0.00625 and chose["train.optimizer.weight_decay"] == 5e-4
+    assert chose["data.augment"]["scale"] == [0.7, 1.0]  # light's, not the schema's defaults
+    # evaluate (with its speed timing) runs on the sizes the run chose
+    result = cli("evaluate", tmp_path / "runs" / "tiny", "-q")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "runs" / "tiny" / "eval.json").read_text())
+    assert report["image_size"] == 32 and report["latency_ms"] > 0
+
+
+def test_optimizer_variants_keep_their_family():
+    assert default_lr("cadamw", False, 64)[0] == 2e-3  # cautious AdamW
+    assert default_lr("fusedadamw", False, 64)[0] == 2e-3
+    assert default_lr("clion", False, 64)[0] == pytest.approx(2e-3 / 3, rel=1e-2)
+    assert default_lr("mars", False, 64, adaptive=True)[0] == 2e-3  # timm: has betas
+    assert default_weight_decay("cadamw")[0] == 0.05
+    assert default_weight_decay("adopt")[0] == 5e-4  # timm's adopt couples decay by default
+    assert default_weight_decay("adoptw")[0] == 0.05

@@ -28,6 +28,10 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     """Read ``path`` (or start from defaults when None), apply ``key.path=value`` overrides,
     validate against the schema and return the config with paths made absolute."""
     raw = read_yaml(Path(path)) if path is not None else {}
+    if overrides and isinstance(raw.get("resolved"), dict):
+        # a saved run's config with changes: what tlkd chose for the old inputs is chosen
+        # again for the new ones (a resume keeps its run's choices, see build_experiment)
+        del raw["resolved"]
     for text in overrides:
         apply_override(raw, text)
     return validate(raw)
@@ -43,8 +47,16 @@ def validate(raw: dict[str, Any]) -> Config:
 
 
 def resolved_dict(cfg: Config) -> dict[str, Any]:
-    """The config as plain YAML-able data, every default filled in."""
-    return cfg.model_dump(mode="json")
+    """The config as plain YAML-able data, every default filled in, except the augmentation
+    keys left to ``data.augment.policy``: written out, they would read back as set by the
+    user and override the policy."""
+    data = cfg.model_dump(mode="json")
+    aug = cfg.data.augment
+    data["data"]["augment"] = {
+        "policy": aug.policy,
+        **aug.model_dump(mode="json", exclude_unset=True, exclude={"policy"}),
+    }
+    return data
 
 
 def with_values(cfg: Config, values: dict[str, Any]) -> Config:

@@ -201,7 +201,8 @@ class SchedulerConfig(Section):
     """A timm scheduler (create_scheduler_v2), stepped every optimizer update."""
 
     name: Literal["cosine", "step", "multistep", "poly", "tanh", "none"] = "cosine"
-    warmup_epochs: NonNegativeInt | None = None  # default: about 5% of the epochs, 1 to 5
+    # default: about 5% of the epochs, 1 to 5 (none for 1-2 epochs or scheduler: none)
+    warmup_epochs: NonNegativeInt | None = None
     warmup_lr: NonNegativeFloat = 1e-5
     min_lr: NonNegativeFloat = 0.0
     decay_epochs: PositiveInt = 30  # step

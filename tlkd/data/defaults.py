@@ -1,7 +1,7 @@
 """Defaults chosen from the data and the run: augmentation, input size and optimizer settings.
 
 A user's first run on their own folder must come close to a careful hand-written loop, so
-these two defaults are not fixed numbers but rules over what the run knows before training
+these defaults are not fixed numbers but rules over what the run knows before training
 (the images' size, how many there are, the epochs, pretrained weights, the mode). Each rule
 returns its choice and a one-line reason that the plan prints and summary.json records.
 Explicitly set keys always win: only keys the user left out are filled.
@@ -186,19 +186,36 @@ BASE_LR = {("adam", False): 2e-3, ("adam", True): 5e-4, ("sgd", False): 0.05, ("
 LR_FACTOR = {"lion": 1 / 3}
 
 
-def optimizer_family(optimizer: str) -> str:
-    """``adam`` for adaptive optimizers (per-parameter step sizes), else ``sgd``."""
-    return "adam" if optimizer.lower().startswith(ADAM_LIKE_PREFIXES) else "sgd"
+def base_name(optimizer: str) -> str:
+    """timm's name without the variant prefixes that keep the algorithm (``fused``/``bnb``
+    implementations, ``c`` for cautious updates: ``cadamw`` -> ``adamw``)."""
+    name = optimizer.lower()
+    for prefix in ("fused", "bnb"):
+        name = name.removeprefix(prefix)
+    if name.startswith("c") and name[1:].startswith(ADAM_LIKE_PREFIXES + ("lion", "laprop")):
+        name = name[1:]
+    return name
 
 
-def default_lr(optimizer: str, pretrained: bool, batch: int) -> tuple[float, str]:
+def optimizer_family(optimizer: str, adaptive: bool | None = None) -> str:
+    """``adam`` for adaptive optimizers (per-parameter step sizes), else ``sgd``. ``adaptive``
+    is timm's word for it where known (``get_optimizer_info(name).has_betas``); else the
+    name decides."""
+    if adaptive is not None:
+        return "adam" if adaptive else "sgd"
+    return "adam" if base_name(optimizer).startswith(ADAM_LIKE_PREFIXES) else "sgd"
+
+
+def default_lr(
+    optimizer: str, pretrained: bool, batch: int, adaptive: bool | None = None
+) -> tuple[float, str]:
     """``train.optimizer.lr`` when unset: a base rate by optimizer family and start (from
     scratch or pretrained weights), scaled from batch 64 to the run's batch (after gradient
     accumulation) as timm's train.py scales ``--lr-base``: by the square root for adaptive
     optimizers, linearly for SGD-like ones."""
     name = optimizer.lower()
-    family = optimizer_family(name)
-    base = BASE_LR[(family, pretrained)] * LR_FACTOR.get(name, 1.0)
+    family = optimizer_family(name, adaptive)
+    base = BASE_LR[(family, pretrained)] * LR_FACTOR.get(base_name(name), 1.0)
     power = 0.5 if family == "adam" else 1.0
     lr = float(f"{base * (batch / BASE_BATCH) ** power:.3g}")
     start = "pretrained weights" if pretrained else "random weights"
@@ -227,7 +244,7 @@ def default_weight_decay(optimizer: str) -> tuple[float, str]:
     term added to the gradient, where 5e-4 is the usual value (ResNet on CIFAR, and the value
     torchvision's and RepDistiller's CIFAR recipes use). Plain ``adam`` couples decay to the
     gradient too, so it gets the SGD-like value."""
-    name = optimizer.lower()
-    if name.startswith(ADAM_LIKE_PREFIXES) and name not in ("adam", "nadam", "radam"):
+    name = base_name(optimizer)
+    if name.startswith(ADAM_LIKE_PREFIXES) and name not in ("adam", "nadam", "radam", "adopt"):
         return 0.05, f"{name}: decoupled (Adam-like) decay"
     return 5e-4, f"{name}: decay added to the gradient (SGD-like)"

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 from timm.data import resolve_model_data_config
-from timm.optim import list_optimizers
+from timm.optim import get_optimizer_info, list_optimizers
 from torch import nn
 
 from tlkd.config import safe_yaml
@@ -24,7 +24,7 @@ from tlkd.data import defaults
 from tlkd.data.catalog import SMALL_IMAGE_DATASETS
 from tlkd.data.datasets import LabeledImages, Splits, build_splits
 from tlkd.data.memory import usable_cache_dir
-from tlkd.data.pipeline import Loaders, build_loaders, resolve_input
+from tlkd.data.pipeline import Loaders, build_loaders, default_workers, resolve_input
 from tlkd.engine import distributed, tune
 from tlkd.engine.device import autocast_dtype, resolve_device, seed_everything
 from tlkd.errors import ConfigError
@@ -183,7 +183,15 @@ def build_experiment(
     dtype = autocast_dtype(cfg.train.precision, device)
     if cfg.train.channels_last is True:
         model.to(memory_format=torch.channels_last)
+    # the data path and worker count decide the augmentation draws: a resume keeps them
+    r.keep_first("data.in_memory")
+    r.keep_first("data.num_workers")
+    if r.cfg.data.num_workers is None:
+        r.set("data.num_workers", default_workers())
+    cfg = r.cfg
     loaders = build_loaders(cfg, splits, model_cfg, device, log)
+    r.set("data.in_memory", loaders.in_memory)
+    cfg = r.cfg
     return Experiment(
         cfg, splits, model, weights, loaders, device, dtype, model_cfg, r.choices, source,
         r.values,
@@ -206,7 +214,9 @@ def _resolve_optimizer(r: Resolution, pretrained: bool) -> None:
     a resume may change)."""
     t = r.cfg.train
     if not r.keep_first("train.optimizer.lr", "lr") and t.optimizer.lr is None:
-        lr, why = defaults.default_lr(t.optimizer.name, pretrained, t.batch_size * t.accum_steps)
+        lr, why = defaults.default_lr(
+            t.optimizer.name, pretrained, t.batch_size * t.accum_steps, _adaptive(t.optimizer.name)
+        )
         r.set("train.optimizer.lr", lr, "lr", f"{lr:g} ({why})")
     wd_first = r.keep_first("train.optimizer.weight_decay", "weight_decay")
     if not wd_first and r.cfg.train.optimizer.weight_decay is None:
@@ -218,6 +228,14 @@ def _resolve_optimizer(r: Resolution, pretrained: bool) -> None:
             (0, "no scheduler") if t.scheduler.name == "none" else defaults.default_warmup(t.epochs)
         )
         r.set("train.scheduler.warmup_epochs", warm, "warmup_epochs", f"{warm} ({why})")
+
+
+def _adaptive(optimizer: str) -> bool | None:
+    """Whether timm's optimizer keeps per-parameter step sizes (Adam-like betas)."""
+    try:
+        return bool(get_optimizer_info(optimizer.lower()).has_betas)
+    except (ValueError, KeyError):
+        return None
 
 
 def _native_size(ds: LabeledImages, seed: int) -> int | None:

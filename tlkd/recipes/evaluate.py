@@ -113,6 +113,7 @@ def evaluate(
         raise ConfigError(None, f"no such run directory or config file: {path}")
     reporter = reporter or Reporter(cfg.train.log_every)
     exp = build_experiment(cfg, for_training=False, log=reporter.print)
+    cfg = exp.cfg  # with the values chosen (image size, precision, memory layout)
     if run is not None and exp.weights.head != "loaded":
         raise ConfigError(
             "data", "the evaluation data's classes differ from those the run was trained on"
