@@ -13,6 +13,9 @@ import torch
 import yaml
 from conftest import error_line, small_config, tlkd_env, write_images
 from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from tlkd.cli import app
 
 LEARNED = ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr")
 
@@ -54,8 +57,15 @@ def full(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("full")
     config = root / "full.yaml"
     config.write_text(yaml.safe_dump({**_resumable_config(root), "experiment": "full"}))
-    _finish(_tlkd(root, "finetune", config))
+    _run_here("finetune", config)
     return root / "runs" / "full"
+
+
+def _run_here(*args) -> None:
+    """An uninterrupted run in this process: the same code, seeds and single thread as the
+    killed runs' processes (a reference needs no process of its own)."""
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
 
 
 def _tlkd(tmp_path, *args, **kw):
@@ -118,7 +128,7 @@ def test_adapt_killed_mid_epoch_resumes_exactly(tmp_path, resumable):
     adapt = {"method": "dann", "warmup_epochs": 1, "hidden": 16}
     data = yaml.safe_load(resumable("x").read_text())["data"]
     data["unlabeled"] = str(target)
-    _finish(_tlkd(tmp_path, "adapt", resumable("full", adapt=adapt, data=data)))
+    _run_here("adapt", resumable("full", adapt=adapt, data=data))
     killed = tmp_path / "runs" / "killed"
     _kill_during(tmp_path, resumable("killed", adapt=adapt, data=data), epoch=3, mode="adapt")
     _finish(_tlkd(tmp_path, "adapt", "--resume", killed))
@@ -220,7 +230,7 @@ def _worker_path(config):
 
 
 def test_worker_path_with_random_erasing_resumes_exactly(tmp_path, resumable):
-    _finish(_tlkd(tmp_path, "finetune", _worker_path(resumable("full"))))
+    _run_here("finetune", _worker_path(resumable("full")))
     full = tmp_path / "runs" / "full"
     assert json.loads((full / "summary.json").read_text())["data_path"].startswith("1 loader")
     stopped = tmp_path / "runs" / "stopped"
