@@ -31,18 +31,11 @@ def _metrics(run):
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_process_gloo_matches_single_process(tmp_path, tiny_config):
+def test_two_process_gloo_matches_single_process(tmp_path, tiny_config, run_cli):
     single = tiny_config("single.yaml", experiment="single", **DDP_SECTIONS)
     double = tiny_config("ddp.yaml", experiment="ddp", **DDP_SECTIONS)
     env = tlkd_env()
-    one = subprocess.run(
-        [sys.executable, "-m", "tlkd", "finetune", str(single)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    one = run_cli("finetune", single)  # the single process: this one
     assert one.returncode == 0, one.stderr
     two = subprocess.run(
         [

@@ -36,7 +36,7 @@ def _resumable_config(root: Path) -> dict:
             "augment": {"crop_mode": "rrc", "scale": [0.5, 1.0], "hflip": 0.5},
         },
         train={
-            "epochs": 4,
+            "epochs": 3,
             "batch_size": 4,
             "log_every": 1,
             "scheduler": {"name": "cosine", "warmup_epochs": 1},
@@ -92,7 +92,7 @@ def _kill_during(tmp_path, config, epoch, mode="finetune"):
     seen = []
     for line in proc.stdout:  # plain progress lines (stdout is a pipe)
         seen.append(line)
-        if line.startswith(f"epoch {epoch}/4 step 5/"):
+        if line.startswith(f"epoch {epoch}/3 step 5/"):
             proc.send_signal(signal.SIGKILL)
             break
     proc.communicate()
@@ -118,7 +118,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, resumable,
     assert _learned(killed) == _learned(full)
     assert _same_weights(killed, full)
     ckpt = torch.load(killed / "checkpoint.pt", weights_only=True)
-    assert ckpt["epoch"] == 4
+    assert ckpt["epoch"] == 3
 
 
 def test_adapt_killed_mid_epoch_resumes_exactly(tmp_path, resumable):
@@ -133,7 +133,7 @@ def test_adapt_killed_mid_epoch_resumes_exactly(tmp_path, resumable):
     _kill_during(tmp_path, resumable("killed", adapt=adapt, data=data), epoch=3, mode="adapt")
     _finish(_tlkd(tmp_path, "adapt", "--resume", killed))
     full = _learned(tmp_path / "runs" / "full")
-    assert len(full) == 4 and _learned(killed) == full
+    assert len(full) == 3 and _learned(killed) == full
     rows = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["train_loss_domain"] > 0
     assert _same_weights(killed, tmp_path / "runs" / "full")
@@ -172,7 +172,7 @@ def test_resume_refuses_a_changed_config_and_missing_checkpoints(tmp_path, resum
 def _signal_during(tmp_path, config, sig, epoch=2, times=1):
     proc = _tlkd(tmp_path, "finetune", config)
     for line in proc.stdout:
-        if line.startswith(f"epoch {epoch}/4 step 5/"):
+        if line.startswith(f"epoch {epoch}/3 step 5/"):
             for i in range(times):
                 if i:
                     time.sleep(0.3)  # let the first signal's handler run
