@@ -168,6 +168,12 @@ def test_resume_keeps_the_first_choices(tmp_path, write_config, cli):
     assert saved["data.augment"]["policy"] == "none"
     assert saved["train.scheduler.warmup_epochs"] == 0
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 6
+    # a finished run: nothing to continue, and nothing of it is touched
+    summary = (run / "summary.json").read_text()
+    result = cli("finetune", path, "--resume", run, "train.epochs=6")
+    assert result.exit_code == 2
+    assert "train.epochs: is 6 but tiny has finished 6 epochs" in result.output
+    assert (run / "summary.json").read_text() == summary
 
 
 def test_pretrained_auto_offline_falls_back_quickly_with_a_warning():

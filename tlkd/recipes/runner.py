@@ -60,6 +60,14 @@ def train(
         run = RunDir(resume)
         check_resumable(run, exp)
         state, note = run.load_checkpoint()
+        partial = state.get("partial")
+        done = int(partial["epoch"]) - 1 if partial else int(state["epoch"])
+        if done >= cfg.train.epochs:  # before anything is written: the run stays as it is
+            raise ConfigError(
+                "train.epochs",
+                f"is {cfg.train.epochs} but {run.path.name} has finished {done} epochs: give "
+                f"more to continue it (train.epochs={done + 5} trains 5 more)",
+            )
     else:  # rank 0 picks the folder; the other processes use the same one
         run = RunDir(
             distributed.broadcast(
