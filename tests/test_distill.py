@@ -264,6 +264,29 @@ def test_layers_by_stage_index_or_module_name_agree():
         resolve_layers(model, [7], "distill.losses.0.student_layers")
 
 
+@pytest.mark.parametrize("name", ["resnet20", "mobilenetv3_small_050"])
+def test_pre_logits_is_what_the_classifier_reads(name):
+    """The ``embedding`` kind (rkd, pkt, crd) taps the classifier's input: pooled and
+    flattened, and the classifier applied to it gives the model's own logits; the other kinds
+    pick the last stage, the hint stage or the last three stages."""
+    from tlkd.distill.features import FeatureTap, resolve_layers
+
+    model = timm.create_model(name, num_classes=10).eval()
+    images = torch.randn(2, 3, 32, 32)
+    layers = resolve_layers(model, None, "k", "embedding")
+    assert layers == ["pre_logits"]
+    with torch.no_grad():
+        logits, (pre, stage) = FeatureTap(model, [*layers, 2])(images)
+        assert torch.allclose(logits, model(images), atol=1e-5)
+        assert pre.shape == (2, model.num_features if name == "resnet20" else 1024)
+        assert torch.allclose(model.get_classifier()(pre), logits, atol=1e-5)
+        assert stage.ndim == 4
+    stages = len(model.feature_info)
+    assert resolve_layers(model, None, "k", "last") == [stages - 1]
+    assert resolve_layers(model, None, "k", "hint") == [2]
+    assert resolve_layers(model, ["pre_logits"], "k") == ["pre_logits"]
+
+
 def _teacher(seed: int = 0, num_classes: int = 10, classes: list[str] | None = None):
     from tlkd.distill.teacher import Teacher
 

@@ -12,21 +12,32 @@ Layer = int | str
 
 
 HINT_LAYER = 2  # FitNet's default hint: RepDistiller's hint_layer=2 (see resolve_layers)
+PRE_LOGITS = "pre_logits"  # the pooled features the classifier reads (timm's pre_logits)
 
 
 def resolve_layers(
-    model: nn.Module, layers: list[Layer] | None, key: str, hint: bool = False
+    model: nn.Module, layers: list[Layer] | None, key: str, kind: str = "stages"
 ) -> list[Layer]:
-    """Check layer choices against the model. Default: its last three feature stages (at), or
-    with ``hint`` (fitnet) the one stage at index 2 of ``feature_info`` (the stem is 0), the
-    layer RepDistiller's ``hint_layer=2`` picks: for the CIFAR ResNets the output of the
-    second of the three residual stages (the last stage if the model has fewer)."""
+    """Check layer choices against the model, or choose them by the loss's ``kind``:
+
+    - ``stages`` (at): its last three feature stages;
+    - ``hint`` (fitnet): the one stage at index 2 of ``feature_info`` (the stem is 0), the
+      layer RepDistiller's ``hint_layer=2`` picks: for the CIFAR ResNets the output of the
+      second of the three residual stages (the last stage if the model has fewer);
+    - ``last`` (sp): the last stage's feature map (RepDistiller's ``feat[-2]``);
+    - ``embedding`` (rkd, pkt, crd): ``pre_logits``, the pooled, flattened features the
+      classifier reads (RepDistiller's ``feat[-1]``; timm's ``forward_head(pre_logits=True)``).
+    """
     stages = len(getattr(model, "feature_info", []) or [])
     if layers is None:
+        if kind == "embedding":
+            return [PRE_LOGITS]
         if stages == 0:
             raise ConfigError(key, "the model reports no feature stages; name modules instead")
-        if hint:
+        if kind == "hint":
             return [min(HINT_LAYER, stages - 1)]
+        if kind == "last":
+            return [stages - 1]
         return list(range(max(0, stages - 3), stages))
     names = [n for n, _ in model.named_modules() if n]
     for layer in layers:
@@ -34,16 +45,20 @@ def resolve_layers(
             raise ConfigError(
                 key, f"stage {layer} does not exist (the model has {stages}: 0..{stages - 1})"
             )
-        if isinstance(layer, str) and layer not in names:
+        if isinstance(layer, str) and layer != PRE_LOGITS and layer not in names:
             raise ConfigError(
-                key, f"no module named {layer!r} in the model{did_you_mean(layer, names)}"
+                key,
+                f"no module named {layer!r} in the model"
+                f"{did_you_mean(layer, [*names, PRE_LOGITS])}",
             )
     return list(layers)
 
 
 class FeatureTap:
     """Runs a model and returns ``(logits, [features of the chosen layers])``. Stage indices
-    use timm's ``forward_intermediates``; module names use forward hooks."""
+    use timm's ``forward_intermediates``; module names use forward hooks; ``pre_logits`` is
+    the input of the classifier (``get_classifier()``, a forward pre-hook), so the logits
+    still come from the model's own head."""
 
     def __init__(self, model: nn.Module, layers: list[Layer]) -> None:
         self.model = model
@@ -52,14 +67,21 @@ class FeatureTap:
         self._captured: dict[str, torch.Tensor] = {}
         self._hooks = [
             model.get_submodule(name).register_forward_hook(self._capture(name))
-            for name in {layer for layer in layers if isinstance(layer, str)}
+            for name in {layer for layer in layers if isinstance(layer, str)} - {PRE_LOGITS}
         ]
+        if PRE_LOGITS in layers:
+            head = model.get_classifier()
+            head = head[0] if isinstance(head, tuple) else head  # DeiT distilled: the class head
+            self._hooks.append(head.register_forward_pre_hook(self._capture_input))
 
     def _capture(self, name: str):
         def hook(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
             self._captured[name] = output
 
         return hook
+
+    def _capture_input(self, _module: nn.Module, inputs: tuple) -> None:
+        self._captured[PRE_LOGITS] = inputs[0]
 
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         self._captured = {}

@@ -87,10 +87,10 @@ class Distillation(Objective):
             if entry.inputs == "features":
                 t = loss.teacher or 0
                 key = f"distill.losses.{i}"
-                hint = entry.hint_layer
-                s_layers = resolve_layers(model, loss.student_layers, f"{key}.student_layers", hint)
+                kind = entry.layers
+                s_layers = resolve_layers(model, loss.student_layers, f"{key}.student_layers", kind)
                 t_layers = resolve_layers(
-                    teachers[t].model, loss.teacher_layers, f"{key}.teacher_layers", hint
+                    teachers[t].model, loss.teacher_layers, f"{key}.teacher_layers", kind
                 )
                 if len(s_layers) != len(t_layers):
                     raise ConfigError(key, "student_layers and teacher_layers must pair up")

@@ -12,9 +12,12 @@ A term gets, by ``inputs``:
 - ``logits``: ``term(student_logits, teacher_logits, targets)``, the teacher's logits for the
   student's classes (several teachers: their ensemble at the term's ``temperature``, see
   tlkd/distill/losses/ensemble.py); ``targets`` is given when the entry ``needs_labels``;
-- ``features``: ``term(student_maps, teacher_maps)``, paired lists of feature maps of the
+- ``features``: ``term(student_maps, teacher_maps)``, paired lists of features of the
   chosen ``student_layers`` / ``teacher_layers``; ``term.build(student_shapes, teacher_shapes)``
-  first, once, for trainable parts (regressors), which then train with the student.
+  first, once, for trainable parts (regressors), which then train with the student. Which
+  layers by default is the entry's ``layers`` (see tlkd/distill/features.py): ``stages`` the
+  last three feature stages, ``hint`` FitNet's one hint stage, ``last`` the last stage's map,
+  ``embedding`` the pooled features the classifier reads (layer name ``pre_logits``).
 
 A term whose config has ``warmup_epochs`` is ramped by the objective, ``x min(epoch / n, 1)``.
 """
@@ -33,7 +36,7 @@ from tlkd.config.registry import Entry
 class LossEntry(Entry):
     inputs: Literal["labels", "logits", "features"] = "logits"
     needs_labels: bool = False  # a logit loss that also reads the ground truth (dkd)
-    hint_layer: bool = False  # features: default one hint layer (FitNet), else the last 3 stages
+    layers: Literal["stages", "hint", "last", "embedding"] = "stages"  # features: the default
 
 
 Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
@@ -71,7 +74,7 @@ LOSSES: dict[str, LossEntry] = {
     "fitnet": LossEntry(
         "tlkd.distill.losses.fitnet:FitNet",
         "FitNet hints (Romero et al. 2015, RepDistiller ConvReg)", inputs="features",
-        hint_layer=True,
+        layers="hint",
     ),
     "at": LossEntry(
         "tlkd.distill.losses.at:AT", "attention transfer (Zagoruyko & Komodakis 2017)",
