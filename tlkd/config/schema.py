@@ -7,7 +7,7 @@ A minimal experiment is a few lines; everything else has a default. Unknown keys
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -319,6 +319,21 @@ class CacheConfig(Section):
     seed: NonNegativeInt = 0  # of the stored views: keep it fixed to share a bank across seeds
 
 
+class FunctionMatchingConfig(Section):
+    """Function matching (Beyer et al. 2022; tlkd/distill/mixing.py): teacher and student see
+    the same mixed images; defaults as big_vision's ``bit_i1k.py`` (mixup p=1.0)."""
+
+    mixup_alpha: NonNegativeFloat = 1.0
+    cutmix_alpha: NonNegativeFloat = 0.0
+    switch_prob: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5  # CutMix's share when both
+
+    @model_validator(mode="after")
+    def _some_mixing(self) -> FunctionMatchingConfig:
+        if self.mixup_alpha == 0 and self.cutmix_alpha == 0:
+            raise ValueError("set mixup_alpha or cutmix_alpha above 0")
+        return self
+
+
 class DistillConfig(Section):
     losses: list[LossConfig] = Field(
         default_factory=lambda: [
@@ -329,6 +344,27 @@ class DistillConfig(Section):
     )
     tasks: list[TaskConfig] | None = None
     cache: CacheConfig | None = None  # omit: the teacher runs live on every batch
+    function_matching: FunctionMatchingConfig | None = None  # omit: images as the loader gives
+
+    @model_validator(mode="after")
+    def _function_matching(self) -> DistillConfig:
+        if self.function_matching is None:
+            return self
+        if self.cache is not None:
+            raise ValueError(
+                "function_matching needs the teacher live on the mixed images: remove "
+                "distill.cache (stored outputs are of unmixed views; Beyer et al. 2022 also "
+                "find precomputed teacher outputs hurt)"
+            )
+        for i, loss in enumerate(self.losses):
+            entry = LOSSES[loss.type]
+            if entry.inputs != "logits" or entry.needs_labels or entry.head != "class":
+                raise ValueError(
+                    f"losses.{i}: function_matching mixes images, so their labels mean nothing "
+                    f"and only label-free logit losses apply (kd, as the paper; dist, hard), "
+                    f"not {loss.type!r}"
+                )
+        return self
 
 
 class _AdaptBase(Section):

@@ -26,7 +26,9 @@ def resolve_layers(
       second of the three residual stages (the last stage if the model has fewer);
     - ``last`` (sp): the last stage's feature map (RepDistiller's ``feat[-2]``);
     - ``embedding`` (rkd, pkt, crd): ``pre_logits``, the pooled, flattened features the
-      classifier reads (RepDistiller's ``feat[-1]``; timm's ``forward_head(pre_logits=True)``).
+      classifier reads (RepDistiller's ``feat[-1]``; timm's ``forward_head(pre_logits=True)``);
+    - ``review`` (reviewkd): the last three feature stages and ``pre_logits``, shallow to deep
+      (mdistiller's CIFAR ReviewKD: the three residual stages' outputs and the pooled feature).
     """
     stages = len(getattr(model, "feature_info", []) or [])
     if layers is None:
@@ -38,6 +40,8 @@ def resolve_layers(
             return [min(HINT_LAYER, stages - 1)]
         if kind == "last":
             return [stages - 1]
+        if kind == "review":
+            return [*range(max(0, stages - 3), stages), PRE_LOGITS]
         return list(range(max(0, stages - 3), stages))
     names = [n for n, _ in model.named_modules() if n]
     for layer in layers:

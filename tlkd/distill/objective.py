@@ -24,6 +24,7 @@ from torch import nn
 from tlkd.config.schema import LossConfig, TaskConfig
 from tlkd.distill.features import FeatureTap, Layer, resolve_layers
 from tlkd.distill.losses.ensemble import ensemble_logits
+from tlkd.distill.losses.kd import standardize_logits
 from tlkd.distill.registry import LOSSES
 from tlkd.distill.teacher import Teacher
 from tlkd.engine import distributed
@@ -63,8 +64,10 @@ class Distillation(Objective):
         teacher_weights: list[float],
         image_size: int,
         device: torch.device,
+        mix: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
+        self.mix = mix  # function matching: both models see the same mixed images
         self.teachers = teachers  # a plain list: not submodules (see module docstring)
         self.losses = list(losses)  # its own list: the resolved layers go in (not the config)
         self.teacher_weights = teacher_weights
@@ -78,6 +81,8 @@ class Distillation(Objective):
             entry.load()(loss) for entry, loss in zip(self.entries, losses, strict=True)
         )
         self.device = device
+        if any(entry.head == "dist" for entry in self.entries):
+            _distilled_training(model, losses, self.entries)
         # per (teacher, task or None): which of the teacher's logits, in the student's order
         self.class_index: dict[tuple[int, int | None], torch.Tensor | None] = {}
         self._check_classes(classes)
@@ -198,23 +203,32 @@ class Distillation(Objective):
             self.terms[i].to(device)
 
     def forward(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> StepOutput:
+        if self.mix is not None:
+            images = self.mix(images)
         if self.student_tap is not None:
             logits, feats = self.student_tap(images)
             s_feat = dict(zip(self.student_layers, feats, strict=True))
         else:
             logits, s_feat = model(images), {}
+        dist_logits = None
+        if isinstance(logits, tuple):  # a DeiT student training its distillation head
+            logits, dist_logits = logits
         t_out = [
             teacher(images) if used else None
             for teacher, used in zip(self.teachers, self.uses_teacher, strict=True)
         ]
-        if self.metric_teacher is not None and t_out[self.metric_teacher] is not None:
+        counted = self.metric_teacher is not None and self.mix is None  # labels of mixed: none
+        if counted and t_out[self.metric_teacher] is not None:
             self._count_teacher_hits(t_out[self.metric_teacher][0], targets)
         total = logits.new_zeros((), dtype=torch.float32)
         parts: dict[str, torch.Tensor] = {}
         for i, loss in enumerate(self.losses):
-            value = self._term(i, loss, logits, s_feat, t_out, targets) * self.warmup_factor(loss)
+            student = dist_logits if self.entries[i].head == "dist" else logits
+            value = self._term(i, loss, student, s_feat, t_out, targets) * self.warmup_factor(loss)
             parts[self.names[i]] = value.detach()
             total = total + loss.weight * value
+        if dist_logits is not None:  # what the model predicts: the mean of its two heads
+            logits = (logits + dist_logits) / 2
         return StepOutput(total, logits, parts)
 
     def _term(self, i, loss, logits, s_feat, t_out, targets) -> torch.Tensor:
@@ -265,7 +279,12 @@ class Distillation(Objective):
         # several teachers: one target, the weighted mean of their softened probabilities at
         # this loss's temperature (T=1 for a loss without one), the same rule for every loss
         temperature = getattr(self.losses[i], "temperature", None) or 1.0
-        teacher = ensemble_logits(teacher_logits, weights, temperature)
+        # standardize (kd, dkd, dist; Sun et al. 2024): the student's logits z-scored, and
+        # each teacher's before the ensemble; temperature is then the base temperature
+        standardize = bool(getattr(self.losses[i], "standardize", None))
+        if standardize:
+            student = standardize_logits(student)
+        teacher = ensemble_logits(teacher_logits, weights, temperature, standardize)
         return self.terms[i](student, teacher, targets if self.entries[i].needs_labels else None)
 
     # -- the teacher on the training views (train_teacher_top1) --
@@ -318,6 +337,18 @@ class Distillation(Objective):
                 local = member[rows].float().argmax(dim=1)
                 out[f"val_top1_{task.name}"] = topk_accuracy(logits[rows][:, idx], local, 1)
         return out
+
+
+def _distilled_training(model: nn.Module, losses: list[LossConfig], entries: list) -> None:
+    """Switch a DeiT student to return both heads' logits in training; refuse other models."""
+    if not hasattr(model, "set_distilled_training"):
+        i = next(i for i, e in enumerate(entries) if e.head == "dist")
+        raise ConfigError(
+            f"distill.losses.{i}",
+            f"{losses[i].type} trains a distillation token: the student must have one, e.g. "
+            f"timm's deit_tiny_distilled_patch16_224 (model {type(model).__name__} has none)",
+        )
+    model.set_distilled_training(True)
 
 
 def _index_tensor(idx: list[int] | None, device: torch.device) -> torch.Tensor | None:

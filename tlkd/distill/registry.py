@@ -17,9 +17,13 @@ A term gets, by ``inputs``:
   first, once, for trainable parts (regressors), which then train with the student. Which
   layers by default is the entry's ``layers`` (see tlkd/distill/features.py): ``stages`` the
   last three feature stages, ``hint`` FitNet's one hint stage, ``last`` the last stage's map,
-  ``embedding`` the pooled features the classifier reads (layer name ``pre_logits``).
+  ``embedding`` the pooled features the classifier reads (layer name ``pre_logits``),
+  ``review`` the last three stages and ``pre_logits``.
 
 A term whose config has ``warmup_epochs`` is ramped by the objective, ``x min(epoch / n, 1)``.
+A logit term whose config has ``standardize`` true (logit standardization, Sun et al. 2024)
+gets z-scored logits: the student's, and each teacher's before the ensemble (the objective
+does it, the term does not); ``temperature`` is then the base temperature.
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ from tlkd.config.registry import Entry
 class LossEntry(Entry):
     inputs: Literal["labels", "logits", "features"] = "logits"
     needs_labels: bool = False  # a logit loss that also reads the ground truth (dkd)
-    layers: Literal["stages", "hint", "last", "embedding"] = "stages"  # features: the default
+    head: Literal["class", "dist"] = "class"  # logits: "dist", a DeiT student's distillation head
+    layers: Literal["stages", "hint", "last", "embedding", "review"] = "stages"  # the default
 
 
 Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
@@ -48,7 +53,7 @@ LOSSES: dict[str, LossEntry] = {
     ),
     "kd": LossEntry(
         "tlkd.distill.losses.kd:KD", "softmax distillation (Hinton et al. 2015)",
-        {"temperature": (PositiveFloat, 4.0)},
+        {"temperature": (PositiveFloat, 4.0), "standardize": (bool, False)},
     ),
     "hard": LossEntry(
         "tlkd.distill.losses.hard:Hard", "cross-entropy on the teacher's top class",
@@ -60,6 +65,7 @@ LOSSES: dict[str, LossEntry] = {
             "alpha": (NonNegativeFloat, 1.0),
             "beta": (NonNegativeFloat, 8.0),
             "warmup_epochs": (NonNegativeInt, 20),  # mdistiller's linear ramp; 0: none
+            "standardize": (bool, False),  # logit standardization (Sun et al. 2024)
         },
         needs_labels=True,
     ),
@@ -69,7 +75,14 @@ LOSSES: dict[str, LossEntry] = {
             "temperature": (PositiveFloat, 1.0),
             "beta": (NonNegativeFloat, 1.0),
             "gamma": (NonNegativeFloat, 1.0),
+            "standardize": (bool, False),
         },
+    ),
+    "token": LossEntry(
+        "tlkd.distill.losses.token:Token",
+        "DeiT distillation token (Touvron et al. 2021, facebookresearch/deit)",
+        {"mode": (Literal["hard", "soft"], "hard"), "temperature": (PositiveFloat, 1.0)},
+        head="dist",
     ),
     "fitnet": LossEntry(
         "tlkd.distill.losses.fitnet:FitNet",
@@ -79,5 +92,41 @@ LOSSES: dict[str, LossEntry] = {
     "at": LossEntry(
         "tlkd.distill.losses.at:AT", "attention transfer (Zagoruyko & Komodakis 2017)",
         {"p": (PositiveFloat, 2.0)}, inputs="features",
+    ),
+    "reviewkd": LossEntry(
+        "tlkd.distill.losses.reviewkd:ReviewKD",
+        "knowledge review, ABF + HCL (Chen et al. 2021, mdistiller)",
+        {
+            "max_mid_channel": (Annotated[int, Field(ge=1)], 512),  # mdistiller MAX_MID_CHANNEL
+            "warmup_epochs": (NonNegativeInt, 20),  # mdistiller's linear ramp; 0: none
+        },
+        inputs="features", layers="review",
+    ),
+    "rkd": LossEntry(
+        "tlkd.distill.losses.rkd:RKD", "relational KD, distance and angle (Park et al. 2019)",
+        {
+            "distance_weight": (NonNegativeFloat, 25.0),  # RepDistiller RKDLoss w_d
+            "angle_weight": (NonNegativeFloat, 50.0),  # RepDistiller RKDLoss w_a
+        },
+        inputs="features", layers="embedding",
+    ),
+    "pkt": LossEntry(
+        "tlkd.distill.losses.pkt:PKT", "probabilistic knowledge transfer (Passalis & Tefas 2018)",
+        inputs="features", layers="embedding",
+    ),
+    "sp": LossEntry(
+        "tlkd.distill.losses.sp:SP", "similarity-preserving KD (Tung & Mori 2019)",
+        inputs="features", layers="last",
+    ),
+    "crd": LossEntry(
+        "tlkd.distill.losses.crd:CRD",
+        "contrastive representation distillation (Tian et al. 2020, RepDistiller)",
+        {  # RepDistiller train_student.py defaults
+            "feat_dim": (Annotated[int, Field(ge=1)], 128),
+            "nce_k": (Annotated[int, Field(ge=1)], 16384),
+            "nce_t": (PositiveFloat, 0.07),
+            "nce_m": (Fraction, 0.5),  # memory momentum
+        },
+        inputs="features", layers="embedding",
     ),
 }  # fmt: skip

@@ -21,6 +21,8 @@ from tlkd.distill.cache import (
     digest,
     teacher_digest,
 )
+from tlkd.distill.indexed import BatchIndices, IndexedLoader
+from tlkd.distill.mixing import BatchMix
 from tlkd.distill.objective import Distillation, class_index
 from tlkd.distill.registry import LOSSES
 from tlkd.distill.teacher import Teacher, build_teacher
@@ -71,6 +73,7 @@ def distill(
         [t.weight for t in cfg.teacher_list],
         cfg.data.image_size,
         exp.device,
+        mix=BatchMix(**fm.model_dump()) if (fm := cfg.distill.function_matching) else None,
     )
     exp.record(  # the layers feature losses chose (their defaults), as config values
         {
@@ -116,7 +119,20 @@ def distill(
         f"{name} x{loss.weight:g}"
         for name, loss in zip(objective.names, cfg.distill.losses, strict=True)
     )
+    _index_batches(cfg, exp, objective)  # before the terms' plan lines: they may use the data
     plan.append(f"losses      {losses}")
+    # a term may explain itself in the plan (its own ``plan_line``): no per-type code here
+    plan.extend(
+        f"{name:<11} {term.plan_line()}"
+        for name, term in zip(objective.names, objective.terms, strict=True)
+        if hasattr(term, "plan_line")
+    )
+    if (fm := cfg.distill.function_matching) is not None:
+        plan.append(
+            f"mixing      function matching (Beyer et al. 2022): teacher and student see the same "
+            f"mixed images (mixup alpha {fm.mixup_alpha:g}, cutmix alpha {fm.cutmix_alpha:g}); "
+            "train_top1 is measured against the unmixed labels"
+        )
     if cfg.data.unlabeled is not None:
         plan.append(_add_unlabeled(cfg, exp, reporter))
     summary_extra: dict[str, Any] = {"teachers": info}
@@ -148,6 +164,27 @@ def _add_unlabeled(cfg: Config, exp, reporter) -> str:
         f"unlabeled   {len(images):,} images ({cfg.data.unlabeled}) join every batch: "
         "teacher losses only"
     )
+
+
+def _index_batches(cfg: Config, exp, objective) -> None:
+    """Terms with per-sample state (``attach_data``: crd's memory banks) get the training
+    set's labels and a slot that a thin wrapper around the train loader fills with each
+    batch's dataset indices (tlkd/distill/indexed.py; both data paths, global under torchrun)."""
+    terms = [(i, t) for i, t in enumerate(objective.terms) if hasattr(t, "attach_data")]
+    if not terms:
+        return
+    if cfg.data.unlabeled is not None:
+        i = terms[0][0]
+        raise ConfigError(
+            f"distill.losses.{i}",
+            f"{cfg.distill.losses[i].type} indexes the labelled training set: not with "
+            "data.unlabeled",
+        )
+    labels = torch.tensor(exp.splits.train.targets, dtype=torch.long)
+    slot = BatchIndices()
+    exp.loaders.train = IndexedLoader(exp.loaders.train, slot, labels)
+    for i, term in terms:
+        term.attach_data(labels, slot, f"distill.losses.{i}")
 
 
 def _use_cache(cfg: Config, exp, teachers: list[Teacher], objective, reporter) -> dict[str, Any]:

@@ -1,0 +1,224 @@
+"""DeiT token distillation and function matching (Beyer et al. 2022)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from conftest import error_line
+from safetensors.torch import save_file
+
+import tlkd.models  # noqa: F401  registers the CIFAR models
+from tlkd.config import load_config
+from tlkd.distill.losses.token import token_loss
+from tlkd.distill.mixing import BatchMix
+from tlkd.engine.progress import Reporter
+from tlkd.recipes.distill import distill
+from tlkd.recipes.evaluate import evaluate
+
+SMALL = [
+    "data.dataset=digits",
+    "data.image_size=16",
+    "data.samples_per_class=6",
+    "data.num_workers=0",
+    "train.batch_size=12",
+    "train.epochs=1",
+    "train.log_every=1000",
+    "train.precision=fp32",
+    "train.channels_last=false",
+]
+# a tiny DeiT with a distillation token at 16 px: 4x4 patches, one block
+TINY_DEIT = [
+    "model.name=deit_tiny_distilled_patch16_224",
+    "model.kwargs.img_size=16",
+    "model.kwargs.patch_size=4",
+    "model.kwargs.depth=1",
+    "model.kwargs.embed_dim=24",
+    "model.kwargs.num_heads=2",
+]
+
+
+def _teacher_file(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    model = timm.create_model("resnet20", num_classes=10)
+    path = tmp_path / "teacher.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def _cfg(tmp_path: Path, *overrides: str):
+    file = _teacher_file(tmp_path)
+    return load_config(
+        None,
+        [
+            f"output_dir={tmp_path / 'runs'}",
+            *SMALL,
+            "teacher.name=resnet20",
+            f"teacher.pretrained={file}",
+            *overrides,
+        ],
+    )
+
+
+# --- DeiT token distillation ---------------------------------------------------------------
+
+
+def _ref_deit_loss(outputs, outputs_kd, labels, teacher, kind, alpha, tau):
+    """Written from facebookresearch/deit losses.py (DistillationLoss.forward): the base
+    criterion on the class head, then for 'soft' the KL of the distillation head to the
+    teacher at temperature tau with reduction 'sum' divided by outputs_kd.numel(), times
+    tau^2; for 'hard' the cross-entropy with the teacher's argmax; mixed as
+    base * (1 - alpha) + distillation * alpha."""
+    base = F.cross_entropy(outputs, labels)
+    if kind == "soft":
+        kl = F.kl_div(
+            F.log_softmax(outputs_kd / tau, dim=1),
+            F.log_softmax(teacher / tau, dim=1),
+            reduction="sum",
+            log_target=True,
+        )
+        distillation = kl * (tau * tau) / outputs_kd.numel()
+    else:
+        distillation = F.cross_entropy(outputs_kd, teacher.argmax(dim=1))
+    return base * (1 - alpha) + distillation * alpha
+
+
+@pytest.mark.parametrize("kind,tau", [("hard", 1.0), ("soft", 1.0), ("soft", 3.0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_token_parity_with_deit(kind, tau, dtype):
+    """ce x (1 - alpha) on the class head + token x alpha on the distillation head is DeiT's
+    DistillationLoss (facebookresearch/deit losses.py): value and gradients of both heads."""
+    g = torch.Generator().manual_seed(0)
+    cls = (3 * torch.randn(16, 10, generator=g, dtype=dtype)).requires_grad_()
+    dist = (3 * torch.randn(16, 10, generator=g, dtype=dtype)).requires_grad_()
+    teacher = 3 * torch.randn(16, 10, generator=g, dtype=dtype)
+    labels = torch.randint(0, 10, (16,), generator=g)
+    alpha = 0.5
+    ours = F.cross_entropy(cls, labels) * (1 - alpha) + alpha * token_loss(dist, teacher, kind, tau)
+    ref = _ref_deit_loss(cls, dist, labels, teacher, kind, alpha, tau)
+    ours_g = torch.autograd.grad(ours, (cls, dist))
+    ref_g = torch.autograd.grad(ref, (cls, dist))
+    tol = 1e-6 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(ours, ref, rtol=tol, atol=tol)
+    for a, b in zip(ours_g, ref_g, strict=True):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+def test_token_distillation_trains_the_distillation_head_and_predicts_with_both(tmp_path):
+    cfg = _cfg(
+        tmp_path,
+        *TINY_DEIT,
+        "experiment=token",
+        "distill.losses=[{type: ce, weight: 0.5}, {type: token, weight: 0.5}]",
+    )
+    out = distill(cfg)
+    run = Path(out["run_dir"])
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["train_loss_token"] > 0 and rows[-1]["train_loss_ce"] > 0
+    # the saved weights load into plain timm; eval mode averages the two heads, so
+    # evaluate gives the val top-1 of training's last epoch
+    report = evaluate(run, reporter=Reporter(quiet=True), speed=False)
+    assert report["top1"] == pytest.approx(out["final_val_top1"], abs=1e-4)
+    model = timm.create_model(
+        "deit_tiny_distilled_patch16_224",
+        num_classes=10,
+        img_size=16,
+        patch_size=4,
+        depth=1,
+        embed_dim=24,
+        num_heads=2,
+        pretrained=True,
+        pretrained_cfg_overlay={"file": str(run / "model.safetensors")},
+    ).eval()
+    x = torch.randn(2, 3, 16, 16)
+    cls, dist = model.forward_features(x)[:, 0], model.forward_features(x)[:, 1]
+    torch.testing.assert_close(model(x), (model.head(cls) + model.head_dist(dist)) / 2)
+
+
+def test_token_distillation_needs_a_distilled_student(tmp_path, run_cli):
+    cfg = tmp_path / "cfg.yaml"
+    file = _teacher_file(tmp_path)
+    cfg.write_text(
+        f"output_dir: {tmp_path / 'runs'}\n"
+        "data: {dataset: digits, image_size: 16, samples_per_class: 2, num_workers: 0}\n"
+        "model: {name: resnet20}\n"
+        f"teacher: {{name: resnet20, pretrained: {file}}}\n"
+        "distill: {losses: [{type: ce}, {type: token, mode: soft}]}\n"
+    )
+    proc = run_cli("distill", cfg, "--dry-run")
+    assert proc.returncode == 2
+    line = error_line(proc)
+    assert line.startswith("error: distill.losses.1:") and "deit_tiny_distilled" in line
+
+
+# --- function matching ---------------------------------------------------------------------
+
+
+def test_batch_mix_is_timms_mixup_of_the_batch_with_itself_reversed():
+    images = torch.randn(6, 3, 8, 8)
+    np.random.seed(0)
+    mixed = BatchMix(1.0, 0.0, 0.5)(images)
+    np.random.seed(0)
+    lam = np.random.beta(1.0, 1.0)
+    torch.testing.assert_close(mixed, lam * images + (1 - lam) * images.flip(0))
+    np.random.seed(1)
+    cut = BatchMix(0.0, 1.0, 0.5)(images)
+    changed = (cut != images).any(dim=1)  # (N, H, W): the pasted box
+    assert changed.any() and not changed.all()
+    assert torch.equal(
+        cut[changed.unsqueeze(1).expand_as(cut)],
+        images.flip(0)[changed.unsqueeze(1).expand_as(cut)],
+    )
+
+
+def test_function_matching_shows_teacher_and_student_the_same_mixed_images(tmp_path):
+    cfg = _cfg(
+        tmp_path,
+        "model.name=resnet20",
+        "experiment=fm",
+        "distill.losses=[{type: kd, temperature: 1.0}]",
+        "distill.function_matching.mixup_alpha=1.0",
+    )
+    seen: dict[str, list[torch.Tensor]] = {"student": [], "teacher": []}
+    real = distill.__globals__["Distillation"].forward
+
+    def spy(self, model, images, targets):
+        handles = [
+            model.register_forward_pre_hook(lambda m, a: seen["student"].append(a[0].clone())),
+            self.teachers[0].model.register_forward_pre_hook(
+                lambda m, a: seen["teacher"].append(a[0].clone())
+            ),
+        ]
+        try:
+            return real(self, model, images, targets)
+        finally:
+            for h in handles:
+                h.remove()
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(distill.__globals__["Distillation"], "forward", spy)
+        out = distill(cfg)
+    assert out["status"] == "finished" and seen["student"]
+    for s, t in zip(seen["student"], seen["teacher"], strict=True):
+        torch.testing.assert_close(s, t)  # the same (mixed) images; both normalised alike
+    saved = (Path(out["run_dir"]) / "config.yaml").read_text()
+    assert "function_matching" in saved
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["distill.cache.views=2"], "remove distill.cache"),
+        (["distill.losses=[{type: kd}, {type: ce}]"], "not 'ce'"),
+        (["distill.losses=[{type: dkd}]"], "not 'dkd'"),
+        (["distill.function_matching.mixup_alpha=0"], "mixup_alpha or cutmix_alpha"),
+    ],
+)
+def test_function_matching_config_errors(tmp_path, overrides, message):
+    from tlkd.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ["distill.function_matching.mixup_alpha=1.0", *overrides])
