@@ -1,1 +1,1 @@
-"""Domain adaptation: AdaBN, pseudo-labelling, DANN (tlkd adapt)."""
+"""Domain adaptation: AdaBN, pseudo-labelling, DANN, MCC, CDAN (tlkd adapt)."""

@@ -39,17 +39,19 @@ def dann_lambda(step: int, total: int, gamma: float = GAMMA) -> float:
 
 
 class DomainDiscriminator(nn.Module):
-    """Features -> source (0) / target (1) logit, through gradient reversal."""
+    """Features -> source (0) / target (1) logit, through gradient reversal. With
+    ``batch_norm`` each hidden layer is Linear, BatchNorm1d, ReLU (tllib's
+    DomainDiscriminator with its default batch_norm=True, as its CDAN example trains it);
+    without, Linear and ReLU."""
 
-    def __init__(self, features: int, hidden: int) -> None:
+    def __init__(self, features: int, hidden: int, batch_norm: bool = False) -> None:
         super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(features, hidden),
-            nn.ReLU(inplace=True),
-            nn.Linear(hidden, hidden),
-            nn.ReLU(inplace=True),
-            nn.Linear(hidden, 1),
-        )
+
+        def block(width: int) -> list[nn.Module]:
+            norm = [nn.BatchNorm1d(hidden)] if batch_norm else []
+            return [nn.Linear(width, hidden), *norm, nn.ReLU(inplace=True)]
+
+        self.net = nn.Sequential(*block(features), *block(hidden), nn.Linear(hidden, 1))
 
     def forward(self, features: torch.Tensor, lam: float) -> torch.Tensor:
         return self.net(reverse_gradient(features, lam)).squeeze(1)

@@ -182,6 +182,16 @@ class PseudoLabel(DomainObjective):
         return StepOutput(total, logits, {"ce": ce.detach(), "pseudo": pseudo.detach()})
 
 
+def certainty_weights(probs: torch.Tensor) -> torch.Tensor:
+    """Per row ``1 + exp(-H(p))``, H the entropy of the row's probabilities (a 1e-5 inside
+    the log, as tllib's ``entropy``), scaled to sum to the number of rows: confident rows
+    count more (CDAN+E's entropy conditioning, MCC's sample weights). No gradient."""
+    probs = probs.detach()
+    h = -(probs * torch.log(probs + 1e-5)).sum(dim=1)
+    w = 1.0 + torch.exp(-h)
+    return w * (len(w) / w.sum())
+
+
 def domain_loss(source_logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
     """The discriminator's binary cross-entropy, source labelled 0 and target 1, each domain's
     mean weighted 1/2 (tllib's DomainAdversarialLoss; the mean over the batch when the
@@ -211,12 +221,29 @@ class DANN(DomainObjective):
     ):
         super().__init__(cfg, source_val, runtime, target_stats)
         features = features if features is not None else feature_width(model)
-        self.discriminator = DomainDiscriminator(features, cfg.hidden)
+        self.discriminator = self.make_discriminator(features, model)
         self._feats: list[torch.Tensor] = []
         # the classifier's input is the pooled feature vector of any timm model
         model.get_classifier().register_forward_hook(
             lambda m, inputs, _out: self._feats.append(inputs[0]) if m.training else None
         )
+
+    def make_discriminator(self, features: int, model: nn.Module) -> nn.Module:
+        """The domain discriminator on the classifier's ``features``-wide input."""
+        return DomainDiscriminator(features, self.cfg.hidden)
+
+    def logits_and_features(
+        self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's logits and the classifier's input features, rows in the batch's
+        order."""
+        self._feats.clear()
+        logits = self.run(model, images, targets)
+        feats = torch.cat(self._feats)
+        if len(self._feats) == 2:  # per domain: source rows first, as run() ordered them
+            tgt = targets < 0
+            feats = feats[torch.cat([(~tgt).nonzero(), tgt.nonzero()]).squeeze(1).argsort()]
+        return logits, feats
 
     @classmethod
     def plan_lines(cls, cfg: AdaptConfig, epochs: int) -> list[str]:
@@ -228,12 +255,7 @@ class DANN(DomainObjective):
         ]
 
     def forward(self, model, images, targets) -> StepOutput:
-        self._feats.clear()
-        logits = self.run(model, images, targets)
-        feats = torch.cat(self._feats)
-        if len(self._feats) == 2:  # per domain: source rows first, as run() ordered them
-            tgt = targets < 0
-            feats = feats[torch.cat([(~tgt).nonzero(), tgt.nonzero()]).squeeze(1).argsort()]
+        logits, feats = self.logits_and_features(model, images, targets)
         ce = _source_ce(logits, targets)
         tgt = targets < 0
         if not self.adapting or not tgt.any() or tgt.all():

@@ -7,9 +7,9 @@ and summary fields), so the adapt recipe has no per-method code."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Literal
 
-from pydantic import Field, NonNegativeInt, PositiveInt
+from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
 
 from tlkd.config.registry import Entry
 
@@ -43,5 +43,24 @@ METHODS: dict[str, MethodEntry] = {
         "tlkd.adapt.objectives:DANN",
         "domain-adversarial training (Ganin & Lempitsky 2015)",
         {"hidden": (PositiveInt, 256), "warmup_epochs": WARMUP, "target_bn": TARGET_BN},
+    ),
+    "mcc": MethodEntry(
+        "tlkd.adapt.mcc:MCC",
+        "minimum class confusion on the target predictions (Jin et al. 2020)",
+        {"temperature": (PositiveFloat, 2.5), "warmup_epochs": WARMUP, "target_bn": TARGET_BN},
+    ),
+    "cdan": MethodEntry(
+        "tlkd.adapt.cdan:CDAN",
+        "conditional domain-adversarial training; entropy: true is CDAN+E (Long et al. 2018)",
+        {
+            # tllib's CDAN example: a 1024-unit discriminator (its input is features x classes)
+            "hidden": (PositiveInt, 1024),
+            "entropy": (bool, False),  # CDAN+E: rows weighted by 1 + exp(-entropy)
+            # the randomized multilinear map; auto: when features x classes > 4096 (the paper)
+            "randomized": (bool | Literal["auto"], "auto"),
+            "randomized_dim": (PositiveInt, 1024),
+            "warmup_epochs": WARMUP,
+            "target_bn": TARGET_BN,
+        },
     ),
 }

@@ -1,5 +1,5 @@
 """adapt: transductive transfer. A model learns from a labelled source domain and unlabelled
-images of the target domain (AdaBN, pseudo-labelling or DANN), scored on the target's val set
+images of the target domain (a method of tlkd/adapt/registry.py), scored on the target's val set
 (``data.val``) and, when given, the source's (``adapt.source_val``)."""
 
 from __future__ import annotations
