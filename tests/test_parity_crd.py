@@ -186,6 +186,34 @@ def test_crd_parity_value_gradients_z_and_banks_over_two_steps(nce_k, feat_dim):
     assert torch.equal(term.z, z_first)
 
 
+def test_crd_a_non_finite_batch_leaves_the_banks_and_z_as_they_were():
+    """A step whose loss is NaN/Inf is skipped (train.skip_nonfinite), but the term updated
+    its banks in the forward: a NaN row would be drawn as a negative by every later batch (and
+    a NaN Z would stay), so every later loss would be NaN. Rows of samples whose embedding is
+    not finite keep their values, Z is set from the next finite batch; the other rows of the
+    batch still move (here the finite half), and training goes on with finite losses."""
+    torch.manual_seed(4)
+    term = _term(LABELS, feat_dim=8, nce_k=6)
+    banks = (term.memory_s.clone(), term.memory_t.clone())
+    idx = torch.tensor([0, 5, 10, 20])
+    f_s, f_t = torch.randn(4, 12), torch.randn(4, 20)
+    f_s[:2] = float("nan")  # two samples' student features overflowed
+    with torch.no_grad():
+        loss = term.contrast(f_s, f_t, idx, torch.cat([idx[:, None], term.negatives(idx)], 1))
+    assert not torch.isfinite(loss)
+    assert torch.equal(term.z, torch.tensor([-1.0, -1.0]))  # not set from a NaN batch
+    assert torch.isfinite(term.memory_s).all() and torch.isfinite(term.memory_t).all()
+    for bank, before in zip((term.memory_s, term.memory_t), banks, strict=True):
+        assert torch.equal(bank[idx[:2]], before[idx[:2]])
+        assert not torch.equal(bank[idx[2:]], before[idx[2:]])
+    ok = torch.tensor([1, 2, 3, 4])
+    loss = term.contrast(
+        torch.randn(4, 12), torch.randn(4, 20), ok,
+        torch.cat([ok[:, None], term.negatives(ok)], 1),
+    )  # fmt: skip
+    assert torch.isfinite(loss) and (term.z > 0).all()
+
+
 def test_crd_bank_scores_dense_and_gathered_agree():
     torch.manual_seed(3)
     bank, v = torch.randn(50, 4), torch.randn(3, 4, requires_grad=True)

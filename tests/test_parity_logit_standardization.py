@@ -74,12 +74,12 @@ def _ref_dkd_loss(logits_student_in, logits_teacher_in, target, alpha, beta, tem
     return alpha * tckd_loss + beta * nckd_loss
 
 
-def _def_dist_loss(student, teacher, beta, gamma, temperature):
+def _def_dist_loss(student, teacher, beta, gamma, temperature, z_scored=True):
     """DIST (Huang et al. 2022) after the z-score, from the definitions (the reference has no
     DIST): z = (z - mean) / (sqrt(sum (z - mean)^2 / (C - 1)) + 1e-7) per row, then
     T^2 (beta (1 - mean row Pearson r) + gamma (1 - mean column Pearson r)) of softmax(z / T),
     r the cosine of the centred vectors, 1e-8 added to the product of their norms (tlkd's
-    DIST convention, which is not under test here)."""
+    DIST convention, which is not under test here). ``z_scored`` False: the inputs as given."""
 
     def z_score(z):
         c = z - z.sum(dim=1, keepdim=True) / z.shape[1]
@@ -89,8 +89,10 @@ def _def_dist_loss(student, teacher, beta, gamma, temperature):
         a, b = a - a.mean(dim=1, keepdim=True), b - b.mean(dim=1, keepdim=True)
         return (a * b).sum(dim=1) / (a.pow(2).sum(1).sqrt() * b.pow(2).sum(1).sqrt() + 1e-8)
 
-    p_s = F.softmax(z_score(student) / temperature, dim=1)
-    p_t = F.softmax(z_score(teacher) / temperature, dim=1)
+    if z_scored:
+        student, teacher = z_score(student), z_score(teacher)
+    p_s = F.softmax(student / temperature, dim=1)
+    p_t = F.softmax(teacher / temperature, dim=1)
     inter = 1 - pearson(p_s, p_t).mean()
     intra = 1 - pearson(p_s.t(), p_t.t()).mean()
     return temperature**2 * (beta * inter + gamma * intra)
@@ -255,10 +257,14 @@ def test_several_teachers_are_standardized_before_the_ensemble():
         p = [F.softmax(z / temperature, dim=1) for z in t]
         return (3 * p[0] + p[1]) / 4
 
+    def as_logits(temperature):  # logits whose softmax at T is the mean: T log(mean)
+        return temperature * mean_probs(temperature).log()
+
+    # the references with logit_stand False: s and the teachers are standardized above
     expected = {
-        "kd": L.kd_loss_from_probs(s, mean_probs(2.0), 2.0),
-        "dkd": L.dkd_loss(s, 4.0 * mean_probs(4.0).log(), targets, 1.0, 8.0, 4.0),
-        "dist": L.dist_loss(s, 3.0 * mean_probs(3.0).log(), 1.0, 1.0, 3.0),
+        "kd": _ref_kd_loss(s, as_logits(2.0), 2.0, False),
+        "dkd": _ref_dkd_loss(s, as_logits(4.0), targets, 1.0, 8.0, 4.0, False),
+        "dist": _def_dist_loss(s, as_logits(3.0), 1.0, 1.0, 3.0, z_scored=False),
     }
     for name, value in expected.items():
         assert out.parts[name].item() == pytest.approx(value.item(), rel=1e-4, abs=1e-6), name
@@ -290,3 +296,27 @@ def test_standardize_is_accepted_on_temperature_losses(loss):
     assert cfg.distill.losses[1].standardize is None  # does not apply to ce
     error = _config_error({"distill": {"losses": [{"type": loss, "standardize": "maybe"}]}})
     assert "distill.losses.0.standardize" in str(error)
+
+
+def test_standardize_needs_two_classes_per_task():
+    """Per task the student's slice of logits is z-scored: a one-class task's std is NaN, so
+    the run would fail at its first step; refused when the objective is built."""
+    from tlkd.config.schema import TaskConfig
+
+    teachers = [
+        Teacher(
+            timm.create_model("resnet20", num_classes=n), None, f"t{n}", False, *[(0.5,) * 3] * 2
+        )
+        for n in (9, 1)
+    ]
+    student = timm.create_model("resnet20", num_classes=10)
+    classes = [str(i) for i in range(10)]
+    tasks = [
+        TaskConfig(name="a", classes=classes[:9], teacher=0),
+        TaskConfig(name="b", classes=classes[9:], teacher=1),
+    ]
+    loss = LossConfig(type="kd", standardize=True)
+    with pytest.raises(ConfigError, match="distill.tasks.1: kd with standardize"):
+        Distillation(student, teachers, [loss], classes, tasks, [1.0, 1.0], 16, torch.device("cpu"))
+    plain = LossConfig(type="kd")  # without standardize: a one-class task is fine
+    Distillation(student, teachers, [plain], classes, tasks, [1.0, 1.0], 16, torch.device("cpu"))

@@ -208,6 +208,38 @@ def test_sp_parity_with_repdistiller(dtype, shapes):
     _check(sp_loss, lambda s, t: sum(_ref_sp(s, t)), student, teacher)
 
 
+# --- under autocast (train.precision bf16/fp16) ----------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["rkd", "pkt", "sp"])
+def test_relational_losses_are_float32_under_autocast(name):
+    """The objective runs the terms inside the step's autocast. These losses measure small
+    differences of Gram matrices and batch-normalised probabilities (PKT's ~1/N each), which a
+    bf16 matmul rounds away (PKT off by 10x, SP by 75% in bf16): they compute in float32,
+    so under CPU bf16 autocast they still equal the references (in float64 here; float32's
+    own rounding of these tiny values is ~1e-4 relative, bf16's is ~1)."""
+    torch.manual_seed(0)
+    if name == "sp":
+        student = torch.randn(32, 16, 4, 4).relu()
+        fns = (sp_loss, lambda s, t: sum(_ref_sp(s, t)))
+    else:
+        student = torch.randn(32, 64).relu()
+        fns = {
+            "rkd": (rkd_loss, lambda s, t: _ref_rkd(s[0], t[0])),
+            "pkt": (pkt_loss, lambda s, t: _ref_pkt(s[0], t[0])),
+        }[name]
+    teacher = student + 0.05 * torch.randn_like(student)  # a student close to its teacher
+    ours_in, ref_in = _leaves([student]), _leaves([student.double()])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = fns[0](ours_in, [teacher])
+    ref = fns[1](ref_in, [teacher.double()]).reshape(())
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours.double(), ref, rtol=2e-3, atol=0)
+    (g_ours,), (g_ref,) = torch.autograd.grad(ours, ours_in), torch.autograd.grad(ref, ref_in)
+    scale = g_ref.abs().max().item()
+    torch.testing.assert_close(g_ours.double(), g_ref, rtol=0, atol=2e-3 * scale)
+
+
 # --- the registry, the shipped configs, one tiny run ----------------------------------------
 
 

@@ -131,6 +131,30 @@ def test_the_cache_refuses_feature_losses_and_the_file_path(tmp_path):
             raise AssertionError(f"{extra} was accepted")
 
 
+def test_the_cache_refuses_what_it_cannot_serve_in_a_dry_run(tmp_path):
+    """The same refusals before a dry run ends, so ``--dry-run`` and a sweep's checks catch
+    them (not the run itself, after the sweep started); the feature loss is named first, not
+    the data path that crd's index wrapper would otherwise appear to break."""
+    from tlkd.engine.progress import Reporter
+
+    cases = [
+        (["distill.losses=[{type: crd, nce_k: 8}, {type: ce}]"], "distill.losses.0"),
+        (["distill.losses=[{type: ce}, {type: rkd}]"], "distill.losses.1"),
+        (["distill.losses=[{type: reviewkd}]", "data.in_memory=false"], "distill.losses.0"),
+        (["data.in_memory=false"], "distill.cache"),
+        (["teacher.train_bn=true"], "teacher.train_bn"),
+    ]
+    for extra, key in cases:
+        cfg = _distill_cfg(tmp_path, "bad", "distill.cache.views=2", *extra)
+        try:
+            distill(cfg, dry_run=True, reporter=Reporter(quiet=True))
+        except ConfigError as err:
+            assert err.key == key, (extra, err)
+        else:
+            raise AssertionError(f"{extra} was accepted by a dry run")
+    assert not (tmp_path / "runs").exists()
+
+
 def test_channels_last_distillation_with_the_cache_runs(tmp_path):
     summary = distill(
         _distill_cfg(tmp_path, "cl", "train.channels_last=true", "distill.cache.views=2")

@@ -138,6 +138,66 @@ def test_token_distillation_trains_the_distillation_head_and_predicts_with_both(
     torch.testing.assert_close(model(x), (model.head(cls) + model.head_dist(dist)) / 2)
 
 
+def test_token_distillation_with_the_teacher_cache(tmp_path):
+    """distill.cache serves token: the distillation head learns the stored logits of the
+    view it is shown, as it would the live teacher's (the cache refuses feature losses only)."""
+    cfg = _cfg(
+        tmp_path,
+        *TINY_DEIT,
+        "experiment=token-cache",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "distill.cache.views=1",
+        "distill.losses=[{type: ce, weight: 0.5}, {type: token, weight: 0.5, mode: soft}]",
+    )
+    out = distill(cfg)
+    assert out["status"] == "finished" and out["teacher_cache"]["views"] == 1
+    run = Path(out["run_dir"])
+    row = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["train_loss_token"] > 0
+
+
+def test_token_needs_both_heads_in_the_step():
+    """Like DeiT's DistillationLoss: a student that returns one output to a token loss (not
+    in train mode, say) is an error, not the class head silently read as the distillation
+    head."""
+    from tlkd.config.schema import LossConfig
+    from tlkd.distill.objective import Distillation
+    from tlkd.distill.teacher import Teacher
+    from tlkd.errors import TlkdError
+
+    torch.manual_seed(0)
+    kwargs = dict(img_size=16, patch_size=4, depth=1, embed_dim=24, num_heads=2)
+    student = timm.create_model("deit_tiny_distilled_patch16_224", num_classes=10, **kwargs)
+    teacher = Teacher(
+        timm.create_model("resnet20", num_classes=10), None, "t", False, (0.5,) * 3, (0.5,) * 3
+    )
+    objective = Distillation(
+        student, [teacher], [LossConfig(type="ce"), LossConfig(type="token")],
+        [str(i) for i in range(10)], None, [1.0], 16, torch.device("cpu"),
+    )  # fmt: skip
+    images, targets = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    student.train()
+    cls, dist = student(images)
+    out = objective(student, images, targets)
+    assert set(out.parts) == {"ce", "token"}
+    torch.testing.assert_close(out.logits, (cls + dist) / 2)  # train_top1: DeiT's prediction
+
+    def head_grads(ce_weight, token_weight):
+        for i, weight in enumerate((ce_weight, token_weight)):
+            objective.losses[i] = objective.losses[i].model_copy(update={"weight": weight})
+        loss = objective(student, images, targets).loss
+        heads = (student.head.weight, student.head_dist.weight)
+        return [g.abs().sum().item() for g in torch.autograd.grad(loss, heads)]
+
+    # routing: ce reads the class head only, token the distillation head only (as DeiT)
+    g_head, g_dist = head_grads(1.0, 0.0)
+    assert g_head > 0 and g_dist == 0
+    g_head, g_dist = head_grads(0.0, 1.0)
+    assert g_head == 0 and g_dist > 0
+    with pytest.raises(TlkdError, match="two heads"):
+        objective(student.eval(), images, targets)
+
+
 def test_token_distillation_needs_a_distilled_student(tmp_path, run_cli):
     cfg = tmp_path / "cfg.yaml"
     file = _teacher_file(tmp_path)
@@ -157,21 +217,33 @@ def test_token_distillation_needs_a_distilled_student(tmp_path, run_cli):
 # --- function matching ---------------------------------------------------------------------
 
 
-def test_batch_mix_is_timms_mixup_of_the_batch_with_itself_reversed():
+def test_batch_mix_is_mixup_of_each_image_with_its_neighbour():
+    """One coefficient per batch from Beta(alpha, alpha) with numpy's global RNG (timm), each
+    image mixed with the previous one (big_vision's ``jnp.roll(x, 1, 0)``); CutMix pastes the
+    neighbour's box."""
     images = torch.randn(6, 3, 8, 8)
     np.random.seed(0)
     mixed = BatchMix(1.0, 0.0, 0.5)(images)
     np.random.seed(0)
     lam = np.random.beta(1.0, 1.0)
-    torch.testing.assert_close(mixed, lam * images + (1 - lam) * images.flip(0))
+    partner = torch.cat([images[-1:], images[:-1]])
+    torch.testing.assert_close(mixed, lam * images + (1 - lam) * partner)
     np.random.seed(1)
     cut = BatchMix(0.0, 1.0, 0.5)(images)
     changed = (cut != images).any(dim=1)  # (N, H, W): the pasted box
     assert changed.any() and not changed.all()
-    assert torch.equal(
-        cut[changed.unsqueeze(1).expand_as(cut)],
-        images.flip(0)[changed.unsqueeze(1).expand_as(cut)],
-    )
+    box = changed.unsqueeze(1).expand_as(cut)
+    assert torch.equal(cut[box], partner[box])
+
+
+@pytest.mark.parametrize("rows", [2, 3, 5, 7])
+def test_batch_mix_mixes_every_image_of_an_odd_batch(rows):
+    """A batch reversed pairs its middle image with itself (timm's Mixup asserts an even
+    batch for that reason); the last batch of an epoch, or a rank's share, may be odd."""
+    images = torch.randn(rows, 3, 4, 4)
+    np.random.seed(3)
+    mixed = BatchMix(1.0, 0.0, 0.5)(images)
+    assert all(not torch.allclose(m, x) for m, x in zip(mixed, images, strict=True))
 
 
 def test_function_matching_shows_teacher_and_student_the_same_mixed_images(tmp_path):
@@ -182,10 +254,11 @@ def test_function_matching_shows_teacher_and_student_the_same_mixed_images(tmp_p
         "distill.losses=[{type: kd, temperature: 1.0}]",
         "distill.function_matching.mixup_alpha=1.0",
     )
-    seen: dict[str, list[torch.Tensor]] = {"student": [], "teacher": []}
+    seen: dict[str, list[torch.Tensor]] = {"student": [], "teacher": [], "loader": []}
     real = distill.__globals__["Distillation"].forward
 
     def spy(self, model, images, targets):
+        seen["loader"].append(images.clone())
         handles = [
             model.register_forward_pre_hook(lambda m, a: seen["student"].append(a[0].clone())),
             self.teachers[0].model.register_forward_pre_hook(
@@ -202,10 +275,40 @@ def test_function_matching_shows_teacher_and_student_the_same_mixed_images(tmp_p
         mp.setattr(distill.__globals__["Distillation"], "forward", spy)
         out = distill(cfg)
     assert out["status"] == "finished" and seen["student"]
-    for s, t in zip(seen["student"], seen["teacher"], strict=True):
+    for s, t, x in zip(seen["student"], seen["teacher"], seen["loader"], strict=True):
         torch.testing.assert_close(s, t)  # the same (mixed) images; both normalised alike
+        # and mixed: lam x + (1 - lam) x_prev, one lam per batch, not the loader's images
+        partner = x.roll(1, dims=0)
+        lam = ((s - partner) * (x - partner)).sum() / (x - partner).pow(2).sum()
+        assert 0.0 < lam.item() < 1.0 and not torch.allclose(s, x)
+        torch.testing.assert_close(s, lam * x + (1 - lam) * partner, atol=1e-5, rtol=1e-5)
     saved = (Path(out["run_dir"]) / "config.yaml").read_text()
     assert "function_matching" in saved
+
+
+def test_function_matching_resumes_exactly(tmp_path, run_cli):
+    """The mixing draws (numpy's global RNG, as timm) are in the checkpoint's RNG state: one
+    epoch and ``--resume`` to two trains what two epochs straight train (mixup and CutMix,
+    so the switch draws count too)."""
+    file = _teacher_file(tmp_path)
+    base = [
+        f"output_dir={tmp_path / 'runs'}", *SMALL, "model.name=resnet20",
+        "model.pretrained=false", "teacher.name=resnet20", f"teacher.pretrained={file}",
+        "train.scheduler.name=none", "distill.losses=[{type: kd, temperature: 1.0}]",
+        "distill.function_matching={mixup_alpha: 1.0, cutmix_alpha: 1.0, switch_prob: 0.5}",
+    ]  # fmt: skip
+    for name, epochs in (("full", 2), ("part", 1)):
+        distill(load_config(None, [*base, f"experiment={name}", f"train.epochs={epochs}"]))
+    runs = tmp_path / "runs"
+    proc = run_cli("distill", "--resume", runs / "part", "train.epochs=2")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    def rows(name):
+        lines = (runs / name / "metrics.jsonl").read_text().splitlines()
+        keys = ("train_loss", "train_loss_kd", "val_loss", "val_top1")
+        return [{k: json.loads(line)[k] for k in keys} for line in lines]
+
+    assert len(rows("full")) == 2 and rows("part") == rows("full")
 
 
 @pytest.mark.parametrize(
@@ -222,3 +325,21 @@ def test_function_matching_config_errors(tmp_path, overrides, message):
 
     with pytest.raises(ConfigError, match=message):
         load_config(None, ["distill.function_matching.mixup_alpha=1.0", *overrides])
+
+
+def test_a_distilled_students_two_heads_are_both_classifiers(tmp_path):
+    """freeze: backbone keeps head and head_dist trainable (else token trains nothing), and
+    weights of another class count load with both heads left new."""
+    from tlkd.models.factory import load_weights
+    from tlkd.models.freeze import Freezer
+
+    kwargs = dict(img_size=16, patch_size=4, depth=1, embed_dim=24, num_heads=2)
+    model = timm.create_model("deit_tiny_distilled_patch16_224", num_classes=10, **kwargs)
+    frozen = Freezer._prefixes(model, "backbone")
+    assert "head" not in frozen and "head_dist" not in frozen and "blocks" in frozen
+    other = timm.create_model("deit_tiny_distilled_patch16_224", num_classes=5, **kwargs)
+    file = tmp_path / "five.safetensors"
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(file))
+    load_weights(model, file)
+    torch.testing.assert_close(model.blocks[0].attn.qkv.weight, other.blocks[0].attn.qkv.weight)
+    assert model.head_dist.weight.shape[0] == 10

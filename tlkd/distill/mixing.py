@@ -6,10 +6,13 @@ see the very same image, mixed inside the batch, every step. big_vision's refere
 (``configs/proj/distill/bit_i1k.py``) mixes with ``mixup p=1.0`` (one coefficient per batch,
 drawn uniformly) and ``kl`` at ``t=1``.
 
-timm's ``Mixup`` mixes labels too and requires an even batch; here only the images are mixed,
-with timm's parameter conventions (one coefficient per batch from Beta(alpha, alpha), the
-batch mixed with itself reversed, CutMix boxes from ``timm.data.mixup.cutmix_bbox_and_lam``)
-and numpy's global RNG as timm does (checkpointed, so resumes are exact).
+timm's ``Mixup`` mixes labels too and requires an even batch (it mixes the batch with itself
+reversed, which leaves the middle image of an odd batch unmixed); here only the images are
+mixed, each with its neighbour, as big_vision's ``utils.get_mixup`` (``jnp.roll(x, 1, 0)``),
+so every image of any batch of two or more is mixed. timm's parameter conventions otherwise:
+one coefficient per batch from Beta(alpha, alpha), CutMix boxes from
+``timm.data.mixup.cutmix_bbox_and_lam``, numpy's global RNG as timm does (checkpointed, so
+resumes are exact).
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from timm.data.mixup import cutmix_bbox_and_lam
 
 
 class BatchMix:
-    """Mix a batch of images with itself reversed: mixup or CutMix, one draw per batch."""
+    """Mix each image of a batch with its neighbour (the batch rolled by one, as big_vision):
+    mixup or CutMix, one draw per batch."""
 
     def __init__(self, mixup_alpha: float, cutmix_alpha: float, switch_prob: float) -> None:
         self.mixup_alpha, self.cutmix_alpha, self.switch_prob = (
@@ -38,7 +42,7 @@ class BatchMix:
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         lam, use_cutmix = self._draw()
-        partner = images.flip(0)
+        partner = images.roll(1, dims=0)
         if use_cutmix:
             (y0, y1, x0, x1), _ = cutmix_bbox_and_lam(images.shape, lam)
             mixed = images.clone()

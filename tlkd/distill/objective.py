@@ -30,7 +30,7 @@ from tlkd.distill.teacher import Teacher
 from tlkd.engine import distributed
 from tlkd.engine.inference import topk_accuracy
 from tlkd.engine.objectives import Objective, StepOutput
-from tlkd.errors import ConfigError
+from tlkd.errors import ConfigError, TlkdError
 
 # train_teacher_top1 this many points under the teacher's val top-1: warn about augmentation
 VIEW_GAP_WARNING = 15.0
@@ -81,7 +81,8 @@ class Distillation(Objective):
             entry.load()(loss) for entry, loss in zip(self.entries, losses, strict=True)
         )
         self.device = device
-        if any(entry.head == "dist" for entry in self.entries):
+        self.distilled = any(entry.head == "dist" for entry in self.entries)
+        if self.distilled:
             _distilled_training(model, losses, self.entries)
         # per (teacher, task or None): which of the teacher's logits, in the student's order
         self.class_index: dict[tuple[int, int | None], torch.Tensor | None] = {}
@@ -167,6 +168,12 @@ class Distillation(Objective):
                     (t, None, classes, f"distill.losses.{i}") for t in self._teachers_of(loss)
                 ]
             for t, task, want, key in targets:
+                if getattr(loss, "standardize", None) and len(want) < 2:
+                    raise ConfigError(  # the std of one logit: NaN
+                        key,
+                        f"{loss.type} with standardize z-scores the logits over the classes: "
+                        f"needs two or more, not {want}",
+                    )
                 teacher = self.teachers[t]
                 usable, idx = class_index(teacher, want)
                 if not usable:
@@ -213,6 +220,11 @@ class Distillation(Objective):
         dist_logits = None
         if isinstance(logits, tuple):  # a DeiT student training its distillation head
             logits, dist_logits = logits
+        elif self.distilled:  # as DeiT's DistillationLoss: an error, not a silent mix-up
+            raise TlkdError(
+                "the distillation token's loss needs the student's two heads, but it returned "
+                "one output (set_distilled_training(True) and train mode give both)"
+            )
         t_out = [
             teacher(images) if used else None
             for teacher, used in zip(self.teachers, self.uses_teacher, strict=True)

@@ -20,7 +20,7 @@ from torch import nn
 from tlkd.config.schema import ModelConfig
 from tlkd.config.suggest import did_you_mean
 from tlkd.errors import ConfigError, TlkdError
-from tlkd.models.head import classifier_name, replace_head
+from tlkd.models.head import classifier_names, is_head_key, replace_head
 
 WEIGHTS_FILE = "model.safetensors"
 
@@ -188,11 +188,11 @@ def load_weights(
     randomly initialised (transfer to a new task).
     """
     state = read_state_dict(path, key)
-    head = classifier_name(model)
+    heads = classifier_names(model)
     run_classes = _run_classes(path)
     same_task = run_classes is None or classes is None or run_classes == classes
     own = model.state_dict()
-    is_head = lambda k: k == head or k.startswith(head + ".")  # noqa: E731
+    is_head = lambda k: is_head_key(k, heads)  # noqa: E731
     keep, head_loaded = {}, same_task
     for key, value in state.items():
         if is_head(key):

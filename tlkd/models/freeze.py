@@ -15,7 +15,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from tlkd.config.schema import ModelConfig
 from tlkd.config.suggest import did_you_mean
 from tlkd.errors import ConfigError
-from tlkd.models.head import classifier_name
+from tlkd.models.head import classifier_names
 
 
 class Freezer:
@@ -37,13 +37,16 @@ class Freezer:
         if spec == "backbone":
             # everything but the classifier: its siblings (modules and loose parameters such as
             # ViT's cls_token) on the path down from the root
-            head = classifier_name(model)
-            prefixes, parent = [], ""
-            for part in head.split("."):
+            # (every classifier: a distilled DeiT's head and head_dist both stay trainable)
+            heads = classifier_names(model)
+            parts = [h.split(".") for h in heads]
+            on_path = {".".join(p[:i]) for p in parts for i in range(len(p) + 1)}
+            prefixes = []
+            for parent in sorted(p for p in on_path if p not in heads):
                 module = model.get_submodule(parent)
-                prefixes += [_join(parent, n) for n, _ in module.named_children() if n != part]
+                children = [_join(parent, n) for n, _ in module.named_children()]
+                prefixes += [c for c in children if c not in on_path]
                 prefixes += [_join(parent, n) for n, _ in module.named_parameters(recurse=False)]
-                parent = _join(parent, part)
             return prefixes
         names = [n for n, _ in model.named_modules() if n]
         for prefix in spec:

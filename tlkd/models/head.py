@@ -9,14 +9,24 @@ from tlkd.config.schema import HeadConfig
 from tlkd.errors import ConfigError
 
 
-def classifier_name(model: nn.Module) -> str:
-    """Dotted name of the model's final classifier module, as timm's pretrained_cfg records it."""
+def classifier_names(model: nn.Module) -> list[str]:
+    """Dotted names of the model's classifier modules, as timm's pretrained_cfg records them:
+    one, or two for distilled models (DeiT: ``head`` and ``head_dist``)."""
     name = getattr(model, "pretrained_cfg", {}).get("classifier")
-    if isinstance(name, (tuple, list)):  # distilled models have two heads; the first is the main
-        name = name[0]
-    if not name:
+    names = list(name) if isinstance(name, (tuple, list)) else [name]
+    if not all(names):
         raise ConfigError("model.name", "timm does not record this model's classifier module")
-    return name
+    return names
+
+
+def classifier_name(model: nn.Module) -> str:
+    """The main classifier (the first of :func:`classifier_names`)."""
+    return classifier_names(model)[0]
+
+
+def is_head_key(key: str, heads: list[str]) -> bool:
+    """Whether a state-dict key or module name belongs to one of the classifiers ``heads``."""
+    return any(key == h or key.startswith(h + ".") for h in heads)
 
 
 def feature_width(model: nn.Module) -> int:

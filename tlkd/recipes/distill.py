@@ -119,6 +119,8 @@ def distill(
         f"{name} x{loss.weight:g}"
         for name, loss in zip(objective.names, cfg.distill.losses, strict=True)
     )
+    if cfg.distill.cache is not None:  # refused before a dry run ends (and a sweep starts)
+        _check_cache(cfg, exp)
     _index_batches(cfg, exp, objective)  # before the terms' plan lines: they may use the data
     plan.append(f"losses      {losses}")
     # a term may explain itself in the plan (its own ``plan_line``): no per-type code here
@@ -187,12 +189,10 @@ def _index_batches(cfg: Config, exp, objective) -> None:
         term.attach_data(labels, slot, f"distill.losses.{i}")
 
 
-def _use_cache(cfg: Config, exp, teachers: list[Teacher], objective, reporter) -> dict[str, Any]:
-    """Swap the live teachers for the bank of stored views and logits (tlkd.distill.cache)."""
-    if not isinstance(exp.loaders.train, MemoryLoader):
-        raise ConfigError(
-            "distill.cache", f"needs the in-memory data path; this run uses {exp.loaders.note}"
-        )
+def _check_cache(cfg: Config, exp) -> None:
+    """What distill.cache cannot serve, refused in a dry run too (so a sweep's checks catch
+    it): feature losses (crd, rkd, reviewkd, ...: the bank holds logits only), a teacher with
+    batch statistics, and the file data path. Runs before any loader wrapper."""
     for i, loss in enumerate(cfg.distill.losses):
         if LOSSES[loss.type].inputs == "features":
             raise ConfigError(
@@ -206,6 +206,15 @@ def _use_cache(cfg: Config, exp, teachers: list[Teacher], objective, reporter) -
                 f"{_teacher_key(cfg, i)}.train_bn",
                 "batch statistics make a teacher's outputs depend on the batch: not cacheable",
             )
+    if not isinstance(exp.loaders.train, MemoryLoader):
+        raise ConfigError(
+            "distill.cache", f"needs the in-memory data path; this run uses {exp.loaders.note}"
+        )
+
+
+def _use_cache(cfg: Config, exp, teachers: list[Teacher], objective, reporter) -> dict[str, Any]:
+    """Swap the live teachers for the bank of stored views and logits (tlkd.distill.cache);
+    :func:`_check_cache` has passed."""
     c = cfg.distill.cache
     cache_dir = usable_cache_dir(cfg.data.cache_dir)
     bank = build_bank(

@@ -218,7 +218,10 @@ class CRD(nn.Module):
                     both = torch.cat([sums, count[None]])
                     dist.all_reduce(both)
                     sums, count = both[:2], both[2]
-                self.z.copy_(torch.where(self.z < 0, sums / count * self.n_data, self.z))
+                # both from one batch, and not from a non-finite one (train.skip_nonfinite
+                # skips it; a NaN Z would stay): then from the next
+                z = sums / count * self.n_data
+                self.z.copy_(torch.where((self.z < 0) & torch.isfinite(z).all(), z, self.z))
             loss = nce_loss(scores_s / self.z[0], self.n_data) + nce_loss(
                 scores_t / self.z[1], self.n_data
             )
@@ -228,8 +231,12 @@ class CRD(nn.Module):
     @torch.no_grad()
     def _update(self, idx: torch.Tensor, v_s: torch.Tensor, v_t: torch.Tensor) -> None:
         """Bank rows at ``idx`` <- normalise(m x row + (1 - m) x embedding); under torchrun
-        with every rank's rows, so the banks stay the same on every rank."""
+        with every rank's rows, so the banks stay the same on every rank. A sample whose
+        embedding is not finite (a step train.skip_nonfinite skips) keeps its rows: a NaN row
+        would be drawn as a negative of other samples and make every later loss NaN."""
         idx, v_s, v_t = _gather_rows(idx, v_s, v_t)
+        finite = (torch.isfinite(v_s).all(dim=1) & torch.isfinite(v_t).all(dim=1))[:, None]
         for bank, v in ((self.memory_s, v_s), (self.memory_t, v_t)):
-            rows = bank[idx] * self.nce_m + v * (1 - self.nce_m)
-            bank.index_copy_(0, idx, F.normalize(rows, dim=1))
+            old = bank[idx]
+            rows = F.normalize(old * self.nce_m + v * (1 - self.nce_m), dim=1)
+            bank.index_copy_(0, idx, torch.where(finite, rows, old))

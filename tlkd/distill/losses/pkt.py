@@ -22,13 +22,16 @@ def pkt_loss(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.
     """PKT as RepDistiller's ``PKT`` (``distiller_zoo/PKT.py``): the KL divergence of the
     student's conditional probabilities from the teacher's, ``p_t * log((p_t + eps) /
     (p_s + eps))`` MEANED over all N x N entries (not per row). Several pairs are SUMMED
-    (one by default: the embedding, as the reference)."""
-    total = student[0].new_zeros(())
-    for s, t in zip(student, teacher, strict=True):
-        p_s = conditional_probabilities(s)
-        with torch.no_grad():
-            p_t = conditional_probabilities(t)
-        total = total + (p_t * (torch.log(p_t + EPS) - torch.log(p_s + EPS))).mean()
+    (one by default: the embedding, as the reference). In float32, also under autocast: the
+    probabilities are about 1/N each and their log-ratios tiny, far below bf16's resolution."""
+    dtype = torch.promote_types(student[0].dtype, torch.float32)  # float64 stays
+    total = student[0].new_zeros((), dtype=dtype)
+    with torch.autocast(student[0].device.type, enabled=False):
+        for s, t in zip(student, teacher, strict=True):
+            p_s = conditional_probabilities(s.to(dtype))
+            with torch.no_grad():
+                p_t = conditional_probabilities(t.to(dtype))
+            total = total + (p_t * (torch.log(p_t + EPS) - torch.log(p_s + EPS))).mean()
     return total
 
 

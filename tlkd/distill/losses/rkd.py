@@ -34,17 +34,21 @@ def rkd_loss(
     over all entries) between the student's and the teacher's distance relations, times
     ``distance_weight``, plus the same for the angle relations, times ``angle_weight``;
     the teacher's relations carry no gradient. Several pairs are SUMMED (one by default: the
-    embedding, as the reference). A batch of one row has no relations: 0."""
-    total = student[0].new_zeros(())
-    for s, t in zip(student, teacher, strict=True):
-        if s.shape[0] < 2:
-            total = total + 0.0 * s.sum()
-            continue
-        s_dist, s_angles = relations(s)
-        with torch.no_grad():
-            t_dist, t_angles = relations(t)
-        total = total + distance_weight * F.smooth_l1_loss(s_dist, t_dist)
-        total = total + angle_weight * F.smooth_l1_loss(s_angles, t_angles)
+    embedding, as the reference). A batch of one row has no relations: 0. In float32, also
+    under autocast (bf16/fp16 products would swamp the relations' small differences)."""
+    dtype = torch.promote_types(student[0].dtype, torch.float32)  # float64 stays
+    total = student[0].new_zeros((), dtype=dtype)
+    with torch.autocast(student[0].device.type, enabled=False):
+        for s, t in zip(student, teacher, strict=True):
+            s, t = s.to(dtype), t.to(dtype)
+            if s.shape[0] < 2:
+                total = total + 0.0 * s.sum()
+                continue
+            s_dist, s_angles = relations(s)
+            with torch.no_grad():
+                t_dist, t_angles = relations(t)
+            total = total + distance_weight * F.smooth_l1_loss(s_dist, t_dist)
+            total = total + angle_weight * F.smooth_l1_loss(s_angles, t_angles)
     return total
 
 

@@ -17,12 +17,15 @@ def sp_loss(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.T
     """SP as RepDistiller's ``Similarity`` (``distiller_zoo/SP.py``): per pair the squared
     Frobenius distance of the row-normalised similarity matrices divided by N^2, SUMMED over
     the pairs (helper/loops.py sums the per-pair terms; one pair by default, the last stage's
-    map, as the reference)."""
-    total = student[0].new_zeros(())
-    for s, t in zip(student, teacher, strict=True):
-        with torch.no_grad():
-            g_t = similarity_matrix(t)
-        total = total + (similarity_matrix(s) - g_t).pow(2).sum() / s.shape[0] ** 2
+    map, as the reference). In float32, also under autocast (a bf16 Gram matrix is too coarse
+    for the small differences this loss measures)."""
+    dtype = torch.promote_types(student[0].dtype, torch.float32)  # float64 stays
+    total = student[0].new_zeros((), dtype=dtype)
+    with torch.autocast(student[0].device.type, enabled=False):
+        for s, t in zip(student, teacher, strict=True):
+            with torch.no_grad():
+                g_t = similarity_matrix(t.to(dtype))
+            total = total + (similarity_matrix(s.to(dtype)) - g_t).pow(2).sum() / s.shape[0] ** 2
     return total
 
 
