@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +58,21 @@ class Objective(nn.Module, ABC):
     def extra_val(self, model: nn.Module) -> dict[str, float]:
         """Metrics on further val sets (e.g. the source domain's), logged per epoch."""
         return {}
+
+    def attach(self, model: nn.Module) -> None:
+        """Told the model once, before the optimizer is built and a checkpoint is restored
+        (e.g. BYOL copies it into its target network, which the checkpoint then holds)."""
+
+    def after_update(self, model: nn.Module, update: int, updates: int) -> None:
+        """Told after every optimizer step: ``update`` (1-based) of the run's planned
+        ``updates`` (e.g. BYOL's EMA of the target network; a count, so a resume gets it)."""
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The objective's trainable parameters as optimizer groups (one by default). A group
+        with ``fixed_lr: True`` keeps its initial learning rate through the schedule (e.g.
+        SimSiam's predictor)."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [{"params": params}] if params else []
 
 
 class Classification(Objective):

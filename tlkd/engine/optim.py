@@ -30,9 +30,8 @@ def build_optimizer(cfg: Config, model: nn.Module, objective: Objective) -> torc
         layer_decay=opt.layer_decay,
         **kwargs,
     )
-    extra = [p for p in objective.parameters() if p.requires_grad]
-    if extra:
-        optimizer.add_param_group({"params": extra, "weight_decay": opt.weight_decay})
+    for group in objective.param_groups():
+        optimizer.add_param_group({"weight_decay": opt.weight_decay, **group})
     return optimizer
 
 
@@ -53,4 +52,35 @@ def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, updates_per_e
         step_on_epochs=False,
         updates_per_epoch=updates_per_epoch,
     )
+    if any(g.get("fixed_lr") for g in optimizer.param_groups):
+        return FixedLrs(scheduler, optimizer)
     return scheduler
+
+
+class FixedLrs:
+    """A timm scheduler whose param groups marked ``fixed_lr`` (an objective's, e.g. SimSiam's
+    predictor) keep their initial learning rate whatever the schedule sets, warm-up included.
+    The groups are looked up at every step: loading an optimizer's state replaces them."""
+
+    def __init__(self, scheduler: Any, optimizer: torch.optim.Optimizer) -> None:
+        self.scheduler, self.optimizer = scheduler, optimizer
+        self._reset()  # the scheduler's constructor may have set a warm-up lr
+
+    def _reset(self) -> None:
+        for group in self.optimizer.param_groups:
+            if group.get("fixed_lr"):
+                group["lr"] = group["initial_lr"]
+
+    def step(self, epoch: int, metric: float | None = None) -> None:
+        self.scheduler.step(epoch, metric)
+        self._reset()
+
+    def step_update(self, num_updates: int, metric: float | None = None) -> None:
+        self.scheduler.step_update(num_updates, metric)
+        self._reset()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.scheduler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.scheduler.load_state_dict(state)

@@ -86,6 +86,8 @@ class Trainer:
         self.on_epoch_end = on_epoch_end
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
         self.updates = 0
+        # the run's optimizer steps as planned (objectives' per-update schedules, e.g. BYOL's)
+        self.planned_updates = cfg.epochs * -(-len(train_loader) // cfg.accum_steps)
         self.skipped_steps = 0
         self.result = FitResult()
         self._partial: dict[str, Any] | None = None
@@ -214,7 +216,7 @@ class Trainer:
         if epoch % cfg.val_every == 0 or epoch == cfg.epochs:
             row.update(self.validate())
         row.update(
-            lr=max(g["lr"] for g in self.optimizer.param_groups),
+            lr=max(g["lr"] for g in self.optimizer.param_groups if not g.get("fixed_lr")),
             epoch_time_s=time.perf_counter() - t0,
             train_img_per_s=seen / train_time,
         )
@@ -255,6 +257,7 @@ class Trainer:
         self.updates += 1
         if self.scheduler is not None:
             self.scheduler.step_update(num_updates=self.updates)
+        self.objective.after_update(self.model, self.updates, self.planned_updates)
 
     def _end_epoch(self, epoch: int, row: dict[str, Any]) -> None:
         result = self.result

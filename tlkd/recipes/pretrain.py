@@ -1,6 +1,7 @@
-"""pretrain: unsupervised transfer. A timm backbone learns from unlabelled images (SimCLR); a
-k-NN monitor on the labelled val set scores every epoch and picks the best; the saved backbone
-(no classifier) is what ``finetune`` and ``distill`` take as ``pretrained: <run dir>``."""
+"""pretrain: unsupervised transfer. A timm backbone learns from unlabelled images (SimCLR,
+BYOL or SimSiam); a k-NN monitor on the labelled val set scores every epoch and picks the
+best; the saved backbone (no classifier) is what ``finetune`` and ``distill`` take as
+``pretrained: <run dir>``."""
 
 from __future__ import annotations
 

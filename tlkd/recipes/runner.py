@@ -21,7 +21,7 @@ from tlkd.errors import ConfigError
 from tlkd.models.freeze import Freezer
 from tlkd.recipes.build import Experiment
 from tlkd.recipes.summary import plan_lines, write_summary
-from tlkd.run.rundir import CONFIG, RunDir
+from tlkd.run.rundir import CONFIG, START, RunDir
 
 
 def train(
@@ -33,17 +33,26 @@ def train(
     plan_extra: list[str] | None = None,
     summary_extra: dict[str, Any] | None = None,
     resume: Path | None = None,
+    start_weights: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, Any] | None:
     """Build the optimizer, print the plan and run the shared loop, writing the run directory
-    (or continuing ``resume``'s). A mode adds its own plan lines and summary entries."""
+    (or continuing ``resume``'s). A mode adds its own plan lines and summary entries, and may
+    give the weights training starts from, kept in a new run as start.safetensors."""
     cfg = exp.cfg
-    objective.to(exp.device)
     if cfg.train.sync_bn and distributed.info().enabled:
         if exp.device.type != "cuda":
             raise ConfigError("train.sync_bn", "SyncBatchNorm needs GPUs (nccl); drop it on CPU")
         exp.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(exp.model)
+    objective.attach(exp.model)
+    objective.to(exp.device)
     optimizer = build_optimizer(cfg, exp.model, objective)
-    freezer = Freezer(exp.model, cfg.model)
+    # LP-FT (train.lp_epochs): the backbone is frozen for the linear-probing epochs
+    freezing = (
+        cfg.model.model_copy(update={"freeze": "backbone", "unfreeze_after": cfg.train.lp_epochs})
+        if cfg.train.lp_epochs
+        else cfg.model
+    )
+    freezer = Freezer(exp.model, freezing)
     steps = len(exp.loaders.train)
     updates_per_epoch = -(-steps // cfg.train.accum_steps)
     scheduler = build_scheduler(cfg, optimizer, updates_per_epoch)
@@ -77,6 +86,8 @@ def train(
     write_summary_ = write_summary if ddp.is_main else (lambda *a, **k: None)
     if ddp.is_main:
         run.save_config(saved_config(exp))
+        if start_weights is not None and resume is None:
+            run.save_weights(start_weights, start_metadata(exp), START)
     reporter.print(f"run dir     {run.path}")
     for line in plan_lines(exp, steps, mode) + (plan_extra or []):
         reporter.print(line)
@@ -92,7 +103,7 @@ def train(
         device=exp.device,
         dtype=exp.dtype,
         cfg=cfg.train,
-        unfreeze_after=cfg.model.unfreeze_after,
+        unfreeze_after=freezing.unfreeze_after,
         run=run,
         reporter=reporter,
         weights_metadata={
@@ -117,6 +128,18 @@ def train(
     )
     reporter.print(f"run dir: {run.path}")
     return summary
+
+
+def start_metadata(exp: Experiment) -> dict[str, str]:
+    """start.safetensors' metadata: the model, where its weights came from, whether the head
+    was new (randomly initialised) or loaded with them."""
+    return {
+        "format": "pt",
+        "tlkd_model": exp.cfg.model.name,
+        "tlkd_num_classes": str(exp.cfg.model.num_classes),
+        "tlkd_weights_source": exp.weights.source,
+        "tlkd_head": exp.weights.head,
+    }
 
 
 def saved_config(exp: Experiment) -> dict[str, Any]:

@@ -1,1 +1,1 @@
-"""Self-supervised pretraining (tlkd pretrain): SimCLR and its k-NN monitor."""
+"""Self-supervised pretraining (tlkd pretrain): SimCLR, BYOL, SimSiam and the k-NN monitor."""
