@@ -199,6 +199,31 @@ def compare(
 
 
 @app.command()
+def wise(
+    run_dir: str = typer.Argument(..., help="A finished tlkd finetune run directory."),
+    more: list[float] = typer.Argument(None, hidden=True, metavar="ALPHA"),  # --alpha 0 0.5 1
+    alpha: list[float] = typer.Option(
+        None, "--alpha", "-a", help="Mixing coefficients in [0, 1], e.g. --alpha 0 0.25 0.5 (0.5)."
+    ),
+    quiet: bool = QUIET,
+) -> None:
+    """WiSE-FT: mix a run's start and final weights, score each alpha, save the best."""
+
+    def run() -> None:
+        from tlkd.engine.progress import Reporter
+        from tlkd.recipes.wise import wise as run_wise
+
+        summary = run_wise(run_dir, [*(alpha or []), *(more or [])], Reporter(quiet=quiet))
+        if quiet:
+            print(
+                f"{summary['run_dir']}  alpha {summary['wise']['alpha']:g}  "
+                f"val top-1 {summary['best_val_top1']:.2f}%"
+            )
+
+    _guard(run)
+
+
+@app.command()
 def version() -> None:
     """Print the versions of tlkd and its main dependencies."""
     from tlkd.versions import versions

@@ -229,6 +229,14 @@ class TrainConfig(Section):
     log_every: PositiveInt = 50  # steps between plain log lines (when not on a terminal)
     val_every: PositiveInt = 1  # validate every N epochs (and always after the last)
     skip_nonfinite: NonNegativeInt = 0  # steps with a NaN/Inf loss to skip before stopping
+    # LP-FT (Kumar et al. 2022, finetune): the new head alone trains for the first lp_epochs
+    # epochs (backbone frozen, its BatchNorm in eval mode), then every layer; one optimizer and
+    # schedule over all train.epochs
+    lp_epochs: PositiveInt | None = None
+    # L2-SP (Li et al. 2018, finetune): alpha/2 ||w - w0||^2 pulls the pretrained weights
+    # (2+-dim tensors) toward their starting values; it replaces weight decay (default 0 then)
+    l2sp: PositiveFloat | None = None
+    l2sp_beta: NonNegativeFloat | None = None  # beta/2 ||w||^2 on the new head; default 0.01
 
     @field_validator("device")
     @classmethod
@@ -462,6 +470,31 @@ class Config(Section):
             return list(self.teachers)
         return [self.teacher] if self.teacher is not None else []
 
+    def _transfer_methods(self) -> None:
+        """train.lp_epochs (LP-FT) and train.l2sp (L2-SP): finetune's, and their own rules."""
+        t = self.train
+        used = [k for k in ("lp_epochs", "l2sp") if getattr(t, k) is not None]
+        if t.l2sp_beta is not None and t.l2sp is None:
+            raise ValueError("train.l2sp_beta is L2-SP's head weight: set train.l2sp too")
+        if used and (self.adapt or self.pretrain or self.teacher_list or self.distill):
+            raise ValueError(f"train.{used[0]} is a finetune method (tlkd finetune)")
+        if t.l2sp is not None and t.optimizer.weight_decay:
+            raise ValueError(
+                "train.l2sp replaces weight decay (Li et al. 2018): set "
+                "train.optimizer.weight_decay to 0 or leave it unset"
+            )
+        if t.lp_epochs is not None:
+            if self.model.freeze != "none" or self.model.unfreeze_after is not None:
+                raise ValueError(
+                    "train.lp_epochs freezes the backbone itself: drop model.freeze and "
+                    "model.unfreeze_after"
+                )
+            if t.lp_epochs >= t.epochs:
+                raise ValueError(
+                    f"train.lp_epochs ({t.lp_epochs}) must be below train.epochs ({t.epochs}): "
+                    "LP-FT fine-tunes every layer after the linear probe"
+                )
+
     @model_validator(mode="after")
     def _consistent(self) -> Config:
         if self.teacher is not None and self.teachers is not None:
@@ -482,6 +515,7 @@ class Config(Section):
             raise ValueError(
                 f"train.epochs: must be at least 1 (0, no training, is for adapt.method: {allowed})"
             )
+        self._transfer_methods()
         if self.model.unfreeze_after is not None:
             if self.model.freeze == "none":
                 raise ValueError("model.unfreeze_after needs model.freeze (nothing is frozen)")

@@ -220,7 +220,11 @@ def _resolve_optimizer(r: Resolution, pretrained: bool) -> None:
         r.set("train.optimizer.lr", lr, "lr", f"{lr:g} ({why})")
     wd_first = r.keep_first("train.optimizer.weight_decay", "weight_decay")
     if not wd_first and r.cfg.train.optimizer.weight_decay is None:
-        wd, why = defaults.default_weight_decay(t.optimizer.name)
+        wd, why = (
+            (0.0, "train.l2sp replaces weight decay, as in L2-SP (Li et al. 2018)")
+            if t.l2sp is not None
+            else defaults.default_weight_decay(t.optimizer.name)
+        )
         r.set("train.optimizer.weight_decay", wd, "weight_decay", f"{wd:g} ({why})")
     warm_first = r.keep_first("train.scheduler.warmup_epochs", "warmup_epochs")
     if not warm_first and r.cfg.train.scheduler.warmup_epochs is None:

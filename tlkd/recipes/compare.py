@@ -20,7 +20,9 @@ def _load(run: Path) -> dict[str, Any]:
         raise ConfigError(None, f"{run} is not a tlkd run directory (no {SUMMARY} or {CONFIG})")
     summary = json.loads((run / SUMMARY).read_text())
     config = safe_yaml.safe_load((run / CONFIG).read_text())
-    key = json.dumps({k: v for k, v in config.items() if k not in _IGNORED}, sort_keys=True)
+    # the mode too: a tlkd wise run keeps the config of the run it interpolates
+    group = {k: v for k, v in config.items() if k not in _IGNORED}
+    key = json.dumps({**group, "mode": summary.get("mode")}, sort_keys=True)
     return {"run": run, "summary": summary, "seed": config.get("seed"), "group": key}
 
 

@@ -25,6 +25,7 @@ CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 WEIGHTS = "model.safetensors"
+START = "start.safetensors"  # finetune from pretrained weights: the weights training started from
 CHECKPOINT = "checkpoint.pt"
 PREVIOUS_CHECKPOINT = "checkpoint.prev.pt"
 CURVES = "curves.png"
@@ -152,8 +153,10 @@ class RunDir:
         """Rewrite metrics.jsonl, one JSON object per epoch, atomically."""
         write_text(self.file(METRICS), "".join(json.dumps(r) + "\n" for r in history))
 
-    def save_weights(self, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-        atomic_write(self.file(WEIGHTS), lambda f: f.write(safetensors_bytes(state, metadata)))
+    def save_weights(
+        self, state: dict[str, torch.Tensor], metadata: dict[str, str], name: str = WEIGHTS
+    ) -> None:
+        atomic_write(self.file(name), lambda f: f.write(safetensors_bytes(state, metadata)))
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
         """Write checkpoint.pt; the one it replaces is kept as checkpoint.prev.pt, so a valid
