@@ -34,6 +34,10 @@ class DomainObjective(Objective):
     the methods' papers."""
 
     trains_on_target: ClassVar[bool] = True  # target images join every training batch
+    # the objective is handed eval views of all target images, in order (``target_stats``),
+    # to read as it likes (e.g. SHOT's clustering); without ``uses_target_stats`` no BatchNorm
+    # re-estimation follows from it
+    reads_target_set: ClassVar[bool] = False
     title: ClassVar[str] = ""  # the method's name in plan lines
 
     def __init__(
@@ -57,6 +61,18 @@ class DomainObjective(Objective):
     def uses_target_stats(cls, cfg: AdaptConfig) -> bool:
         """Whether BatchNorm statistics are re-estimated on the target before validation."""
         return bool(cfg.target_bn)
+
+    @classmethod
+    def online(cls, cfg: AdaptConfig) -> bool:
+        """Test-time adaptation on the val stream (a source-free method): the training batches
+        are data.val's, in order, and the objective scores the predictions it made while
+        adapting (``val_scores``); data.unlabeled is not needed."""
+        return False
+
+    def wrap_train_loader(self, loader: Any) -> Any:
+        """The training loader as this objective reads it (e.g. with each batch's dataset
+        indices, for per-image state)."""
+        return loader
 
     @classmethod
     def plan_lines(cls, cfg: AdaptConfig, epochs: int) -> list[str]:

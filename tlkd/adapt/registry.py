@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
+from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 
 from tlkd.config.registry import Entry
 
@@ -18,6 +18,9 @@ from tlkd.config.registry import Entry
 class MethodEntry(Entry):
     # adapts without training (train.epochs: 0 allowed): e.g. BatchNorm statistics only
     without_training: bool = False
+    # source-free: adapts a trained source model (model.pretrained: a run directory or weights
+    # file, its classifier loaded) on target images alone; data.train is not read (an error)
+    source_free: bool = False
 
 
 Probability = Annotated[float, Field(gt=0.0, le=1.0)]
@@ -62,5 +65,26 @@ METHODS: dict[str, MethodEntry] = {
             "warmup_epochs": WARMUP,
             "target_bn": TARGET_BN,
         },
+    ),
+    "shot": MethodEntry(
+        "tlkd.adapt.shot:SHOT",
+        "source-free: information maximisation and clustered pseudo-labels with the source "
+        "classifier frozen (Liang et al. 2020)",
+        {
+            "pseudo_weight": (NonNegativeFloat, 0.3),  # SHOT's cls_par; 0: SHOT-IM
+            "diversity": (bool, True),  # SHOT's gent: minus the entropy of the mean prediction
+            "distance": (Literal["cosine", "euclidean"], "cosine"),  # of the clustering
+            # SHOT's threshold: a class keeps its centroid with more than this many images
+            "cluster_threshold": (NonNegativeInt, 0),
+        },
+        source_free=True,
+    ),
+    "tent": MethodEntry(
+        "tlkd.adapt.tent:Tent",
+        "source-free test-time entropy minimisation of BatchNorm's scale and shift (Wang et "
+        "al. 2021)",
+        # true: adapt on the data.val stream while predicting it (one update per batch)
+        {"online": (bool, False)},
+        source_free=True,
     ),
 }
