@@ -51,6 +51,29 @@ class HeadConfig(Section):
     activation: Literal["relu", "gelu", "silu", "tanh"] = "relu"
 
 
+class LoraConfig(Section):
+    """LoRA (Hu et al. 2021) through HuggingFace PEFT (tlkd/models/lora.py): low-rank adapters
+    on the ``targets`` layers, everything else frozen but the classifier; the saved weights
+    have the adapters merged in (a plain timm state dict)."""
+
+    rank: PositiveInt = 8
+    alpha: PositiveFloat = 16.0  # the adapters' update B A is scaled by alpha / rank
+    # Linear or Conv2d layers by module name or dotted suffix (peft's target_modules);
+    # default: a ViT's attn.qkv, attn.proj, mlp.fc1, mlp.fc2 (those the model has)
+    targets: list[str] | None = Field(None, min_length=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)  # on the adapters' input
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None:
+            if not all(t.strip(".") == t and t for t in v):
+                raise ValueError("expected module names or dotted suffixes, e.g. attn.qkv")
+            if len(set(v)) != len(v):
+                raise ValueError("lists a target twice")
+        return v
+
+
 class ModelConfig(Section):
     """Which timm model to build, where its weights come from, and what trains."""
 
@@ -64,6 +87,7 @@ class ModelConfig(Section):
     freeze_bn_stats: bool = True  # BatchNorm layers inside frozen modules keep their statistics
     unfreeze_after: PositiveInt | None = None  # epochs after which frozen modules train too
     head: HeadConfig | None = None  # omit for a linear classifier
+    lora: LoraConfig | None = None  # finetune: LoRA adapters instead of training the backbone
     drop_rate: NonNegativeFloat | None = None
     drop_path_rate: NonNegativeFloat | None = None
     kwargs: dict[str, ScalarArg | list[ScalarArg]] = Field(default_factory=dict)
@@ -483,6 +507,8 @@ class Config(Section):
                 "train.l2sp replaces weight decay (Li et al. 2018): set "
                 "train.optimizer.weight_decay to 0 or leave it unset"
             )
+        if self.model.lora is not None:
+            self._lora(used)
         if t.lp_epochs is not None:
             if self.model.freeze != "none" or self.model.unfreeze_after is not None:
                 raise ValueError(
@@ -494,6 +520,22 @@ class Config(Section):
                     f"train.lp_epochs ({t.lp_epochs}) must be below train.epochs ({t.epochs}): "
                     "LP-FT fine-tunes every layer after the linear probe"
                 )
+
+    def _lora(self, used: list[str]) -> None:
+        """model.lora: finetune's; it decides what trains, so no other freezing or pull."""
+        m = self.model
+        if self.adapt or self.pretrain or self.teacher_list or self.distill:
+            raise ValueError("model.lora is a finetune method (tlkd finetune)")
+        if m.freeze != "none" or m.unfreeze_after is not None:
+            raise ValueError(
+                "model.lora freezes the backbone itself (only the adapters and the classifier "
+                "train): drop model.freeze and model.unfreeze_after"
+            )
+        if used:
+            raise ValueError(
+                f"train.{used[0]} does not combine with model.lora, which keeps the backbone's "
+                "weights frozen (drop one of them)"
+            )
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:

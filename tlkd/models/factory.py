@@ -21,6 +21,7 @@ from tlkd.config.schema import ModelConfig
 from tlkd.config.suggest import did_you_mean
 from tlkd.errors import ConfigError, TlkdError
 from tlkd.models.head import classifier_names, is_head_key, replace_head
+from tlkd.models.lora import has_lora, merged_state_dict
 
 WEIGHTS_FILE = "model.safetensors"
 
@@ -325,5 +326,8 @@ def count_params(model: nn.Module) -> tuple[int, int]:
 
 
 def state_dict_for_save(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A CPU copy of the weights (no shared storage, as safetensors requires)."""
+    """A CPU copy of the weights (no shared storage, as safetensors requires); with LoRA
+    adapters (model.lora), merged into their layers under timm's names."""
+    if has_lora(model):
+        return merged_state_dict(model)
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}

@@ -16,6 +16,7 @@ from tlkd.config.schema import ModelConfig
 from tlkd.config.suggest import did_you_mean
 from tlkd.errors import ConfigError
 from tlkd.models.head import classifier_names
+from tlkd.models.lora import is_adapter
 
 
 class Freezer:
@@ -24,7 +25,9 @@ class Freezer:
 
     def __init__(self, model: nn.Module, cfg: ModelConfig) -> None:
         self.model = model
-        self.prefixes = self._prefixes(model, cfg.freeze)
+        # model.lora: the backbone is frozen but for the LoRA adapters inside it
+        self.lora = cfg.lora is not None
+        self.prefixes = self._prefixes(model, "backbone" if self.lora else cfg.freeze)
         self.keep_bn_stats = cfg.freeze_bn_stats
         self.frozen = False
         if self.prefixes:
@@ -58,6 +61,8 @@ class Freezer:
         return list(spec)
 
     def _is_frozen(self, name: str) -> bool:
+        if self.lora and is_adapter(name):
+            return False
         return any(_under(name, p) for p in self.prefixes)
 
     def set_frozen(self, frozen: bool) -> None:

@@ -29,6 +29,7 @@ from tlkd.engine import distributed, tune
 from tlkd.engine.device import autocast_dtype, resolve_device, seed_everything
 from tlkd.errors import ConfigError
 from tlkd.models.factory import WeightsReport, build_model
+from tlkd.models.lora import LoraReport, apply_lora
 from tlkd.recipes.modes import mode_of
 from tlkd.run.rundir import CONFIG, check_output_dir
 
@@ -51,6 +52,7 @@ class Experiment:
     choices: dict[str, str] = field(default_factory=dict)
     source: Config | None = None
     resolved: dict[str, Any] = field(default_factory=dict)
+    lora: LoraReport | None = None  # model.lora: the adapters injected for training
 
     @property
     def classes(self) -> list[str]:
@@ -161,6 +163,8 @@ def build_experiment(
     model, weights = build_model(
         cfg.model, cfg.model.num_classes, splits.classes if classifier else None
     )
+    # LoRA adapters train; evaluate, export and wise read the merged weights of a plain model
+    lora = apply_lora(model, cfg.model.lora) if for_training and cfg.model.lora else None
     if for_training:
         _resolve_optimizer(r, weights.loaded > 0)
     native = (  # the training images' own size, read once for the two rules below
@@ -194,7 +198,7 @@ def build_experiment(
     cfg = r.cfg
     return Experiment(
         cfg, splits, model, weights, loaders, device, dtype, model_cfg, r.choices, source,
-        r.values,
+        r.values, lora,
     )  # fmt: skip
 
 

@@ -1,6 +1,6 @@
 """finetune: a (pretrained) timm model, a new head, some layers frozen, trained on labels;
-LP-FT (``train.lp_epochs``) and L2-SP (``train.l2sp``). A run from pretrained weights keeps
-them as start.safetensors (for L2-SP's resume and ``tlkd wise``)."""
+LP-FT (``train.lp_epochs``), L2-SP (``train.l2sp``) and LoRA (``model.lora``). A run from
+pretrained weights keeps them as start.safetensors (for L2-SP's resume and ``tlkd wise``)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from tlkd.engine.l2sp import DEFAULT_BETA, L2SP
 from tlkd.engine.objectives import Classification
 from tlkd.engine.progress import Reporter
 from tlkd.errors import ConfigError
-from tlkd.models.factory import read_state_dict, state_dict_for_save
+from tlkd.models.factory import count_params, read_state_dict, state_dict_for_save
+from tlkd.models.lora import require_peft
 from tlkd.recipes.build import Experiment, build_experiment
 from tlkd.recipes.runner import train
 from tlkd.run.rundir import START
@@ -39,6 +40,8 @@ def finetune(
         )
     if cfg.data.dataset == "folder" and cfg.data.train is None:
         raise ConfigError("data.train", "is required to train (an image folder)")
+    if cfg.model.lora is not None:  # before any data is read
+        require_peft()
     reporter = reporter or Reporter(cfg.train.log_every)
     exp = build_experiment(cfg, log=reporter.print, resume=resume, dry_run=dry_run)
     cfg = exp.cfg
@@ -48,6 +51,9 @@ def finetune(
     start, plan, summary = starting_point(exp, resume)
     if cfg.train.l2sp is not None:
         objective = l2sp_objective(exp, objective, start, plan)
+    if exp.lora is not None:
+        plan.append(exp.lora.plan_line(count_params(exp.model)[0]))
+        summary["lora"] = exp.lora.summary()
     return train(
         exp, objective, "finetune", reporter, dry_run, plan, summary, resume,
         start_weights=start if resume is None else None,

@@ -35,6 +35,8 @@ def plan_lines(exp: Experiment, steps_per_epoch: int, mode: str) -> list[str]:
     unfreeze = (
         f", unfreeze after epoch {cfg.model.unfreeze_after}" if cfg.model.unfreeze_after else ""
     )
+    if cfg.model.lora is not None:  # the lora plan line says what trains
+        freeze = "backbone but the LoRA adapters"
     if cfg.train.lp_epochs:  # LP-FT freezes the backbone itself
         freeze, unfreeze = "backbone", f", unfreeze after epoch {cfg.train.lp_epochs} (LP-FT)"
     t = cfg.train

@@ -11,6 +11,10 @@ CLIP's zero-shot classifier; a head loaded with the weights, same classes, is in
 like the rest); and integer tensors (BatchNorm's ``num_batches_tracked``) are theta1's.
 BatchNorm running statistics are interpolated like the weights, as the official code does
 with every state-dict entry.
+
+A LoRA run (``model.lora``): theta0 is the base weights (its start.safetensors), theta1 the
+final weights with the adapters merged in, so theta(alpha) is the base plus alpha times the
+low-rank update (and the head as above).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from tlkd.engine.progress import Reporter
 from tlkd.errors import ConfigError
 from tlkd.models.factory import build_model, count_params, read_state_dict
 from tlkd.models.head import classifier_name
+from tlkd.models.lora import merged_checkpoint
 from tlkd.recipes.build import build_experiment
 from tlkd.run.rundir import CONFIG, START, SUMMARY, RunDir, write_json
 from tlkd.versions import versions
@@ -107,6 +112,8 @@ def wise(
     # the run's model, data and val split (as tlkd evaluate builds them)
     cfg = with_values(run_cfg, {"model.pretrained": str(path)})
     exp = build_experiment(cfg, for_training=False, log=reporter.print)
+    if run_cfg.model.lora is not None:  # the checkpoint keeps the adapters apart
+        theta1 = merged_checkpoint(exp.model, run_cfg.model.lora, theta1)
     theta0, start_note, head_new = _start(path, run_cfg, exp.classes, theta1)
     keep = head_keys(exp.model, theta1) if head_new else set()
     rows = []
@@ -155,7 +162,8 @@ def wise(
             "alpha": best["alpha"],
             "source_run": str(path),
             "theta0": start_note,
-            "theta1": f"checkpoint.pt (epoch {int(state['epoch'])}, the final weights)",
+            "theta1": f"checkpoint.pt (epoch {int(state['epoch'])}, the final weights"
+            + (", LoRA merged)" if run_cfg.model.lora is not None else ")"),
             "head": "fine-tuned (new at the start)" if head_new else "interpolated",
             "alphas": rows,
         },
