@@ -6,6 +6,7 @@ The model is a tiny timm ViT (one block of width 24 on 16 px images, 4x4 patches
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 from pathlib import Path
@@ -175,6 +176,89 @@ def test_lora_targets_by_suffix_and_the_errors_name_the_key():
     resnet = timm.create_model("test_resnet", num_classes=3)
     with pytest.raises(ConfigError, match="none of the default targets .* e.g. "):
         lora_targets(resnet, None)
+
+
+class Layers(torch.nn.Module):
+    """Conv2d and Linear layers of every kind, and a classifier (as timm records it)."""
+
+    def __init__(self) -> None:
+        from timm.layers import Conv2dSame, Linear, StdConv2d
+
+        super().__init__()
+        self.pretrained_cfg = {"classifier": "head"}
+        self.plain = torch.nn.Conv2d(4, 4, 3, stride=2, padding=1)
+        self.fc = torch.nn.Linear(4, 4)
+        self.std = StdConv2d(4, 4, 3)
+        self.same = Conv2dSame(4, 4, 3, stride=2)
+        self.grouped = torch.nn.Conv2d(4, 4, 3, groups=2)
+        self.dilated = torch.nn.Conv2d(4, 4, 3, dilation=2)
+        self.reflect = torch.nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect")
+        self.timm_linear = Linear(4, 4)
+        self.head = torch.nn.Linear(4, 3)
+
+
+@pytest.mark.parametrize(
+    "target, why",
+    [
+        ("std", r"std is a timm\.layers\.std_conv\.StdConv2d \(a subclass with its own forward\)"),
+        ("same", r"same is a timm\.layers\.conv2d_same\.Conv2dSame"),
+        ("grouped", r"grouped is a Conv2d with groups=2;"),
+        ("dilated", r"dilated is a Conv2d with dilation=\(2, 2\);"),
+        ("reflect", r"reflect is a Conv2d with padding_mode='reflect';"),
+        ("timm_linear", r"timm_linear is a timm\.layers\.linear\.Linear"),
+    ],
+)
+def test_lora_refuses_layers_whose_merged_weights_would_compute_otherwise(target, why):
+    """peft wraps any Linear/Conv2d, but its adapter convolution takes the kernel, stride and
+    padding alone, and a subclass's own forward (weight standardisation, dynamic padding)
+    is not what a plain layer with the merged weight computes: a config error naming the
+    layer, by name or by suffix, as a default target too."""
+    model = Layers()
+    assert lora_targets(model, ["plain", "fc"]) == ["plain", "fc"]  # k3 s2 p1, Linear
+    with pytest.raises(ConfigError, match=rf"^model\.lora\.targets: {why}"):
+        lora_targets(model, ["plain", target])
+    model.blocks = torch.nn.ModuleDict({"attn": torch.nn.ModuleDict()})
+    model.blocks["attn"].qkv = copy.deepcopy(getattr(model, target))  # a default target
+    with pytest.raises(ConfigError, match=r"blocks\.attn\.qkv is a"):
+        lora_targets(model, None)
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, lora",
+    [  # conv1.0 and layer2.0.conv1 of timm's test_resnet: 3x3 kernels, stride 2, padding 1
+        ("test_resnet", {}, {"targets": ["conv1.0", "layer2.0.conv1"], "rank": 2, "alpha": 4}),
+        (VIT, VIT_KWARGS, {"rank": 4, "alpha": 8, "dropout": 0.1}),
+    ],
+    ids=["conv-k3-s2-p1", "vit-dropout-0.1"],
+)
+def test_lora_merged_weights_give_the_adapted_models_eval_output(name, kwargs, lora):
+    """After a training step (B non-zero), a plain timm model loaded with the merged state
+    dict computes the adapted model's eval output: a strided, padded Conv2d target, and
+    adapter dropout (peft's, on the adapter's input in training, the identity in eval)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(name=name, pretrained=False, kwargs=kwargs, lora=LoraConfig(**lora))
+    model, _ = build_model(cfg, 3, None)
+    for m in model.modules():  # timm zero-initialises the residual branches' last BatchNorm
+        if isinstance(m, torch.nn.BatchNorm2d):
+            torch.nn.init.uniform_(m.weight, 0.5, 1.5)
+    report = apply_lora(model, cfg.lora)
+    Freezer(model, cfg)
+    for layer in report.modules:
+        base = model.get_submodule(layer).base_layer
+        if isinstance(base, torch.nn.Conv2d):
+            assert (base.kernel_size, base.stride, base.padding) == ((3, 3), (2, 2), (1, 1))
+        dropout = model.get_submodule(layer).lora_dropout["default"]
+        assert isinstance(dropout, torch.nn.Dropout) == bool(lora.get("dropout"))
+    train_step(model)
+    state = model.state_dict()
+    assert all(state[f"{n}.lora_B.default.weight"].abs().sum() > 0 for n in report.modules)
+    plain = timm.create_model(name, num_classes=3, **kwargs)
+    plain.load_state_dict(merged_state_dict(model))
+    plain.eval()
+    model.eval()
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), model(x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(

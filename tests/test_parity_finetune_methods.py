@@ -332,6 +332,35 @@ def test_wise_parity_interpolation_of_every_tensor():
     assert torch.equal(merged["fc.weight"], 0.75 * theta0["fc.weight"] + 0.25 * theta1["fc.weight"])
 
 
+DEIT = "deit_tiny_distilled_patch16_224"
+DEIT_KWARGS = {"img_size": 16, "patch_size": 4, "depth": 1, "embed_dim": 24, "num_heads": 2}
+DEIT_HEADS = {"head.weight", "head.bias", "head_dist.weight", "head_dist.bias"}
+
+
+def test_l2sp_and_wise_treat_both_heads_of_a_distilled_deit_as_the_head():
+    """A distilled DeiT has two classifiers (head, head_dist): a new head is both, under plain
+    L2 in L2-SP (not pulled toward a random start) and kept fine-tuned by WiSE-FT."""
+    from tlkd.engine.l2sp import l2sp_names
+    from tlkd.recipes.wise import head_keys
+
+    torch.manual_seed(0)
+    model = timm.create_model(DEIT, num_classes=3, **DEIT_KWARGS)
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    toward, new_head = l2sp_names(model, start, head_is_new=True)
+    assert sorted(new_head) == ["head.weight", "head_dist.weight"]  # weights: 2-d tensors
+    assert not DEIT_HEADS & set(toward) and "blocks.0.attn.qkv.weight" in toward
+    toward, new_head = l2sp_names(model, start, head_is_new=False)  # a loaded head
+    assert new_head == [] and {"head.weight", "head_dist.weight"} <= set(toward)
+    reg = L2SP(Classification(), model, start, 0.1, 0.01, head_is_new=True)
+    assert reg.counts(model)[1] == 2 * 24 * 3
+    keep = head_keys(model, start)
+    assert keep == DEIT_HEADS
+    theta1 = {k: v + 1.0 if v.is_floating_point() else v for k, v in start.items()}
+    merged = interpolate(start, theta1, 0.5, keep)
+    assert all(torch.equal(merged[k], theta1[k]) for k in DEIT_HEADS)
+    torch.testing.assert_close(merged["cls_token"], start["cls_token"] + 0.5)
+
+
 @pytest.fixture(scope="module")
 def pretrained_run(tmp_path_factory) -> Path:
     """A finished 2-epoch fine-tuning of the tiny model from pretrained weights (new head)."""

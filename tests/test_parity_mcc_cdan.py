@@ -349,6 +349,95 @@ def test_cdan_parity_grl_schedule(warmup):
     np.testing.assert_allclose(ours, theirs, rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.parametrize("method", ["dann", "cdan"])
+def test_warmup_gives_every_discriminator_parameter_a_zero_gradient(method):
+    """During warm-up epochs the discriminator runs with lambda 0 and counts 0 times, so
+    DistributedDataParallel (no find_unused_parameters) sees every parameter get a gradient;
+    the loss, its logged parts and the model's gradients are the plain source cross-entropy's,
+    bit for bit, and before_update drops the discriminator's zero gradients so the optimizer
+    skips it (no weight decay) as before. After the warm-up it trains."""
+    from tlkd.adapt.objectives import DANN
+
+    xs, xt, ys, images, targets = _batch()
+    model = Tiny().train()
+    ref_model = copy.deepcopy(model)
+    cls = {"dann": DANN, "cdan": CDAN}[method]
+    obj = cls(AdaptConfig(method=method, warmup_epochs=1, hidden=16), None, {}, None, model)
+    obj.start_epoch(1, 2)
+    obj.start_step(2, 3)
+    assert not obj.adapting
+    out = obj(model, images, targets)
+    plain = F.cross_entropy(ref_model(images)[targets >= 0], targets[targets >= 0])
+    assert torch.equal(out.loss, plain) and set(out.parts) == {"ce"}
+    assert torch.equal(out.parts["ce"], plain)
+    out.loss.backward()
+    plain.backward()
+    for (name, p), q in zip(model.named_parameters(), ref_model.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad), name
+    disc = dict(obj.discriminator.named_parameters())
+    assert disc and all(p.grad is not None and not p.grad.any() for p in disc.values())
+    obj.before_update(model)
+    assert all(p.grad is None for p in disc.values())
+    model.zero_grad()
+    obj.start_epoch(2, 2)  # adapting: the domain term, and gradients the optimizer keeps
+    out = obj(model, images, targets)
+    assert set(out.parts) == {"ce", "domain"} and out.loss > out.parts["ce"]
+    out.loss.backward()
+    obj.before_update(model)
+    assert all(p.grad is not None for p in disc.values())
+    assert any(p.grad.any() for p in disc.values())
+
+
+def test_mcc_and_cdan_randomized_map_in_float32_under_bf16_autocast():
+    """Under bf16 autocast (here on the CPU) the confusion matrix and the randomized map's
+    products stay float32: the values are the float32 ones."""
+    torch.manual_seed(3)
+    logits = torch.randn(16, 5) * 3
+    want = mcc_loss(logits, 2.5)
+    mapping = RandomizedMultilinearMap(12, 5, 64)
+    f, g = torch.randn(16, 12), torch.softmax(torch.randn(16, 5), dim=1)
+    want_map = mapping(f, g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, got_map = mcc_loss(logits, 2.5), mapping(f, g)
+    assert got.dtype == got_map.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(got_map, want_map, rtol=1e-6, atol=1e-6)
+
+
+def test_objective_parameter_groups_follow_timms_no_weight_decay_rule():
+    """The optimizer's groups for an objective's own parameters (a discriminator, projector
+    or predictor) follow timm's rule for the model's: tensors of at most one dimension
+    (biases, BatchNorm scales and shifts) get no weight decay; a group's own keys stay (the
+    fixed-lr predictor); without weight decay, the groups as they are."""
+    from tlkd.config.loader import load_config
+    from tlkd.config.schema import PretrainConfig
+    from tlkd.engine.optim import build_optimizer
+    from tlkd.ssl.simsiam import SimSiam
+
+    def optimizer(model, objective, wd):
+        opt = ["train.optimizer.name=sgd", "train.optimizer.lr=0.1"]
+        cfg = load_config(None, [*opt, f"train.optimizer.weight_decay={wd}"])
+        return build_optimizer(cfg, model, objective)
+
+    model = Tiny()
+    cdan = CDAN(AdaptConfig(method="cdan", hidden=16), None, {}, None, model)  # BatchNorm
+    simsiam = SimSiam(8, PretrainConfig(method="simsiam", proj_hidden=16, proj_dim=16,
+                                        fix_pred_lr=True))  # fmt: skip
+    for objective in (cdan, simsiam):
+        opt = optimizer(model, objective, 0.05)
+        wd = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+        params = [*model.named_parameters(), *objective.named_parameters()]
+        assert len(wd) == len(params)
+        for name, p in params:
+            assert wd[id(p)] == (0.0 if p.ndim <= 1 else 0.05), name
+        assert any(p.ndim <= 1 for _, p in objective.named_parameters())
+        fixed = {id(p) for g in opt.param_groups if g.get("fixed_lr") for p in g["params"]}
+        want = {id(p) for p in simsiam.predictor.parameters()} if objective is simsiam else set()
+        assert fixed == want
+        no_decay = optimizer(model, objective, 0.0)
+        assert len(no_decay.param_groups) == 1 + len(objective.param_groups())
+
+
 def test_cdan_randomized_auto_follows_the_papers_threshold():
     """auto: the full multilinear map up to 4096 inputs (features x classes), the randomized
     one (randomized_dim) above; the discriminator is tllib's example's, 1024 hidden units."""

@@ -393,13 +393,24 @@ def test_tent_offline_adapts_only_batchnorm(tmp_path, source_run, write_config, 
     assert differ and all(k.endswith(("weight", "bias", "running_mean", "running_var",
                                       "num_batches_tracked")) for k in differ)  # fmt: skip
     assert "fc" not in bn_keys and not any(k.endswith("conv1.0.weight") for k in differ)
+    # val_top1 normalised each val batch with its own statistics; the saved model (and so
+    # tlkd evaluate) uses the running ones: both say so
+    assert "running statistics" in summary["val_protocol"]
+    assert "tlkd evaluate" in summary["val_protocol"]
+    proc = run_cli("evaluate", run, "--no-speed")
+    assert proc.returncode == 0, proc.stderr
+    assert "note: a tent run: its val_top1 normalised each val batch" in " ".join(
+        proc.stdout.split()
+    )
+    ev = json.loads((run / "eval.json").read_text())
+    assert "running statistics saved in model.safetensors" in ev["note"]
 
 
 def test_tent_online_scores_the_adapting_forwards_and_resumes_exactly(
     tmp_path, source_run, write_config, run_cli, monkeypatch
 ):
     config = write_config(
-        _sf_config(tmp_path, source_run, "tent", epochs=2, online=True), "online.yaml"
+        _sf_config(tmp_path, source_run, "tent", epochs=1, online=True), "online.yaml"
     )
     proc = run_cli("adapt", config, "experiment=online")
     assert proc.returncode == 0, proc.stderr
@@ -409,10 +420,11 @@ def test_tent_online_scores_the_adapting_forwards_and_resumes_exactly(
     summary = json.loads((run / "summary.json").read_text())
     assert summary["online"] is True and "forward_and_adapt" in summary["val_protocol"]
     rows = _rows(run)
+    assert len(rows) == 1  # one pass over the stream
     for r in rows:  # the trainer's top-1 of the same forwards, the labels being the val's
         assert r["val_top1"] == pytest.approx(r["train_top1"])
         assert r["adapted_val_top1"] is not None
-    stop = _stop_mid_epoch(monkeypatch, 1)  # 2 updates per pass (batches 8 + 4)
+    stop = _stop_mid_epoch(monkeypatch, 1)  # 2 updates per pass (batches 8 + 4): inside it
     proc = run_cli("adapt", config, "experiment=part")
     assert proc.returncode == 143, proc.stdout + proc.stderr
     stop["at"] = None
@@ -446,3 +458,132 @@ def test_source_free_config_errors(tmp_path, source_run, write_config, run_cli):
     cfg["adapt"]["online"] = True  # tent's key
     proc = run_cli("adapt", write_config(cfg, "e4.yaml"))
     assert proc.returncode == 2 and "online" in error_line(proc)
+
+
+def _fake_config(tmp_path, method, online=False, **sections):
+    """A source-free config over paths that need not exist: the refusals come first."""
+    cfg = small_config(tmp_path, None, tmp_path / "val", **sections)
+    cfg["model"]["pretrained"] = str(tmp_path / "src")
+    cfg["adapt"] = {"method": method, **({"online": True} if online else {})}
+    if not online:
+        cfg["data"]["unlabeled"] = str(tmp_path / "target")
+    return cfg
+
+
+@pytest.mark.parametrize(
+    "method, online, sections, key",
+    [
+        ("tent", False, {"train": {"sync_bn": True}}, "train.sync_bn"),
+        ("tent", True, {"train": {"sync_bn": True, "epochs": 1}}, "train.sync_bn"),
+        ("shot", False, {"model": {"freeze": "backbone"}}, "model.freeze"),
+        ("tent", False, {"model": {"freeze": ["layer1"], "unfreeze_after": 1}}, "model.freeze"),
+        ("tent", True, {"train": {"epochs": 2}}, "train.epochs"),
+        ("tent", True, {"train": {"epochs": 1, "accum_steps": 2}}, "train.accum_steps"),
+    ],
+)
+def test_source_free_refusals_name_the_key(tmp_path, method, online, sections, key):
+    """tent keeps its own BatchNorm layers (no SyncBatchNorm); shot and tent decide what
+    trains (no model.freeze); online tent is one pass, one update per batch."""
+    from tlkd.config.loader import validate
+    from tlkd.errors import ConfigError
+    from tlkd.recipes.adapt import adapt
+
+    cfg = validate(_fake_config(tmp_path, method, online, **sections))
+    with pytest.raises(ConfigError, match=rf"^{key}: ") as err:
+        adapt(cfg, dry_run=True)
+    assert err.value.key == key
+
+
+def test_online_tent_refuses_torchrun(tmp_path, monkeypatch):
+    """Online tent adapts on one stream in order: under torchrun (world size > 1) each
+    process would adapt on its share, so it is refused."""
+    from tlkd.config.loader import validate
+    from tlkd.engine import distributed
+    from tlkd.errors import ConfigError
+    from tlkd.recipes.adapt import adapt
+
+    cfg = validate(_fake_config(tmp_path, "tent", online=True, train={"epochs": 1}))
+    monkeypatch.setattr(distributed, "_INFO", distributed.DistInfo(world=2, rank=0))
+    with pytest.raises(ConfigError, match=r"^adapt\.online: .*2 torchrun processes"):
+        adapt(cfg, dry_run=True)
+
+
+def test_shot_indexes_target_batches_by_the_sampler_order_alone():
+    """The target images are unlabelled (all -1): SHOT's loader wrapper has no labels to
+    check the batches against (the order is the sampler's, which the loader draws from);
+    a batch beyond the sampler's order is still an error."""
+    from tlkd.engine.distributed import GlobalBatchSampler
+    from tlkd.errors import TlkdError
+
+    class Loader:
+        def __init__(self, rows):
+            self.sampler, self.generator, self.rows = GlobalBatchSampler(6, 3, 0), None, rows
+
+        def __len__(self):
+            return len(self.rows)
+
+        def __iter__(self):
+            for n in self.rows:
+                yield torch.zeros(n, 3, 2, 2), torch.full((n,), -1)
+
+    torch.manual_seed(0)
+    model = timm.create_model(MODEL, num_classes=3)
+    shot = SHOT(AdaptConfig(method="shot"), None, {}, None, model)
+    wrapped = shot.wrap_train_loader(Loader([3, 3]))
+    assert wrapped.labels is None
+    order = list(iter(wrapped.sampler))
+    assert [shot.slot.indices.tolist() for _ in wrapped] == [order[:3], order[3:]]
+    assert shot.slot.indices is None
+    with pytest.raises(TlkdError, match="more rows than its sampler's 6"):
+        list(shot.wrap_train_loader(Loader([3, 3, 3])))
+
+
+def test_source_free_image_size_and_augmentation_follow_the_source_run_and_target(
+    tmp_path, write_config, run_cli
+):
+    """No data.train: the image size is the one model.pretrained's run directory was trained
+    at (its config.yaml's resolved value, with its eval crop); from a weights file, the
+    target images' own (data.unlabeled's, or data.val's online); the augmentation policy
+    counts the target images. Each is a plan line with its reason."""
+    import yaml
+    from safetensors.torch import save_file
+
+    target_tmp = write_images(tmp_path / "target_tmp", per_class=8, seed=3, size=40)
+    flat = tmp_path / "target"
+    flat.mkdir()
+    for i, f in enumerate(sorted(target_tmp.rglob("*.png"))):
+        f.rename(flat / f"{i:03d}.png")
+    write_images(tmp_path / "val", per_class=4, seed=4, size=40)
+    src = tmp_path / "src"
+    src.mkdir()
+    torch.manual_seed(0)
+    model = timm.create_model(MODEL, num_classes=3)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, src / "model.safetensors")
+    saved = {"model": {"name": MODEL}, "data": {"image_size": None, "crop_pct": None},
+             "resolved": {"data.image_size": 48, "data.crop_pct": 0.9}}  # fmt: skip
+    (src / "config.yaml").write_text(yaml.safe_dump(saved))
+
+    def plan(method, pretrained, online=False, epochs=3):
+        cfg = _fake_config(tmp_path, method, online, train={"epochs": epochs})
+        cfg["model"]["pretrained"] = str(pretrained)
+        del cfg["data"]["image_size"], cfg["data"]["crop_pct"], cfg["data"]["augment"]
+        proc = run_cli("adapt", write_config(cfg, f"{method}.yaml"), "--dry-run")
+        assert proc.returncode == 0, proc.stderr
+        saved = yaml.safe_load(proc.stdout.split("resolved config:\n")[1].split("\n\n")[0])
+        chosen = {k[5:]: v for k, v in saved["resolved"].items() if k.startswith("data.")}
+        lines = {
+            x.split(":")[0].split()[-1]: x.split(": ", 1)[1]
+            for x in proc.stdout.splitlines()
+            if x.startswith("default ")
+        }
+        return {**saved["data"], **chosen}, lines
+
+    data, lines = plan("shot", src)
+    assert (data["image_size"], data["crop_pct"]) == (48, 0.9)
+    assert lines["image_size"] == "the size model.pretrained's run src was trained at (48px)"
+    assert lines["augment"].startswith("light (auto: 3 epochs on 24 images of 40px:")
+    data, lines = plan("shot", src / "model.safetensors")
+    assert (data["image_size"], data["crop_pct"]) == (40, 1.0)
+    assert lines["image_size"] == "the images' own size (median 40px)"
+    data, lines = plan("tent", src / "model.safetensors", online=True, epochs=1)
+    assert data["image_size"] == 40 and lines["augment"].startswith("none (auto: 1 epochs")

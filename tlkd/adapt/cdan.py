@@ -16,9 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tlkd.adapt.grl import DomainDiscriminator, dann_lambda
-from tlkd.adapt.objectives import DANN, _source_ce, certainty_weights
+from tlkd.adapt.objectives import DANN, certainty_weights
 from tlkd.config.schema import AdaptConfig
-from tlkd.engine.objectives import StepOutput
 
 # the CDAN paper's rule: the full multilinear map up to this many outputs (features x
 # classes), the randomized one above it
@@ -39,7 +38,8 @@ class MultilinearMap(nn.Module):
 class RandomizedMultilinearMap(nn.Module):
     """``(f R_f) * (g R_g) / sqrt(dim)``, an unbiased estimate of the multilinear map's inner
     products in ``dim`` dimensions. R_f, R_g are standard normal, drawn once (R_f first) and
-    kept as buffers, so a checkpoint carries them."""
+    kept as buffers, so a checkpoint carries them. In float32 (float64 stays), also under
+    autocast, as the full map's products are."""
 
     def __init__(self, features: int, classes: int, dim: int) -> None:
         super().__init__()
@@ -48,7 +48,10 @@ class RandomizedMultilinearMap(nn.Module):
         self.register_buffer("rg", torch.randn(classes, dim))
 
     def forward(self, f: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        return (f @ self.rf) * (g @ self.rg) / math.sqrt(self.dim)
+        dtype = torch.promote_types(torch.promote_types(f.dtype, g.dtype), torch.float32)
+        with torch.autocast(f.device.type, enabled=False):
+            rf, rg = self.rf.to(dtype), self.rg.to(dtype)
+            return (f.to(dtype) @ rf) * (g.to(dtype) @ rg) / math.sqrt(self.dim)
 
 
 def randomized_map(setting: bool | str, features: int, classes: int) -> bool:
@@ -127,19 +130,18 @@ class CDAN(DANN):
     def summary_fields(cls, cfg: AdaptConfig) -> dict[str, Any]:
         return {**super().summary_fields(cfg), "entropy": cfg.entropy}
 
-    def forward(self, model, images, targets) -> StepOutput:
-        logits, feats = self.logits_and_features(model, images, targets)
-        ce = _source_ce(logits, targets)
-        tgt = targets < 0
-        if not self.adapting or not tgt.any() or tgt.all():
-            return StepOutput(ce, logits, {"ce": ce.detach()})
-        lam = dann_lambda(self.progress[0], GRL_MAX_ITERS, GRL_ALPHA)
-        d_loss = cdan_loss(
+    def reversal(self) -> float:
+        """tllib's warm start: lambda from the adapting steps done, uncapped."""
+        return dann_lambda(self.progress[0], GRL_MAX_ITERS, GRL_ALPHA)
+
+    def domain_term(
+        self, feats: torch.Tensor, logits: torch.Tensor, tgt: torch.Tensor, lam: float
+    ) -> torch.Tensor:
+        """The conditional domain loss (DANN's forward, warm-up included, calls it)."""
+        return cdan_loss(
             self.discriminator, self.mapping, feats.float(), logits.float(), tgt, lam,
             self.cfg.entropy,
         )  # fmt: skip
-        total = ce + self.cfg.weight * d_loss
-        return StepOutput(total, logits, {"ce": ce.detach(), "domain": d_loss.detach()})
 
 
 def _classes(model: nn.Module) -> int:

@@ -21,13 +21,16 @@ def mcc_loss(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     weight 1); the classes' confusion matrix ``P^T diag(w) P`` with each row normalised to
     sum to 1; its off-diagonal sum over the number of classes. (tllib's code divides by
     ``sum(dim=1)`` without keepdim, i.e. normalises the columns; the matrix is symmetric,
-    so the loss is the same.)"""
+    so the loss is the same.) In float32 (float64 stays), also under autocast: a bf16
+    confusion matrix would round the loss and its gradient."""
     classes = logits.shape[1]
-    probs = F.softmax(logits / temperature, dim=1)
-    w = certainty_weights(probs)
-    confusion = (probs * w[:, None]).T @ probs
-    confusion = confusion / confusion.sum(dim=1, keepdim=True)
-    return (confusion.sum() - confusion.trace()) / classes
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    with torch.autocast(logits.device.type, enabled=False):
+        probs = F.softmax(logits.to(dtype) / temperature, dim=1)
+        w = certainty_weights(probs)
+        confusion = (probs * w[:, None]).T @ probs
+        confusion = confusion / confusion.sum(dim=1, keepdim=True)
+        return (confusion.sum() - confusion.trace()) / classes
 
 
 class MCC(DomainObjective):

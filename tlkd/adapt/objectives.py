@@ -270,14 +270,40 @@ class DANN(DomainObjective):
             f"the {span} epochs after {cfg.warmup_epochs} warm-up",
         ]
 
+    def reversal(self) -> float:
+        """The gradient reversal's lambda at this adapting step: Ganin's schedule."""
+        return dann_lambda(*self.progress)
+
+    def domain_term(
+        self, feats: torch.Tensor, logits: torch.Tensor, tgt: torch.Tensor, lam: float
+    ) -> torch.Tensor:
+        """The discriminator's loss on the batch (``tgt``: its target rows) through gradient
+        reversal with ``lam``."""
+        d_logits = self.discriminator(feats.float(), lam)
+        return domain_loss(d_logits[~tgt], d_logits[tgt])
+
     def forward(self, model, images, targets) -> StepOutput:
         logits, feats = self.logits_and_features(model, images, targets)
         ce = _source_ce(logits, targets)
         tgt = targets < 0
-        if not self.adapting or not tgt.any() or tgt.all():
+        if not tgt.any() or tgt.all():
             return StepOutput(ce, logits, {"ce": ce.detach()})
-        lam = dann_lambda(*self.progress)
-        d_logits = self.discriminator(feats.float(), lam)
-        d_loss = domain_loss(d_logits[~tgt], d_logits[tgt])
+        if not self.adapting:
+            # warm-up: the source alone, but the discriminator still runs (lambda 0, its loss
+            # counted 0 times), so every parameter is in the graph and gets a (zero) gradient,
+            # as DistributedDataParallel (no find_unused_parameters) needs; the loss, the
+            # model's gradients and the metrics are the source cross-entropy's, and
+            # before_update drops the zero gradients so the optimizer leaves it as before
+            d_loss = self.domain_term(feats, logits, tgt, 0.0)
+            return StepOutput(ce + 0.0 * d_loss, logits, {"ce": ce.detach()})
+        d_loss = self.domain_term(feats, logits, tgt, self.reversal())
         total = ce + self.cfg.weight * d_loss
         return StepOutput(total, logits, {"ce": ce.detach(), "domain": d_loss.detach()})
+
+    def before_update(self, model: nn.Module) -> None:
+        """During the warm-up the discriminator's gradients are zero by construction: dropped
+        (None), so the optimizer skips it (no weight decay, no step count) as it did when the
+        discriminator did not run."""
+        if not self.adapting:
+            for p in self.discriminator.parameters():
+                p.grad = None

@@ -165,8 +165,11 @@ class SHOT(DomainObjective):
         }
 
     def wrap_train_loader(self, loader: Any) -> Any:
-        """Each target batch's dataset indices into ``self.slot`` (the pseudo-labels' rows)."""
-        return IndexedLoader(loader, self.slot, torch.full((loader.sampler.size,), -1))
+        """Each target batch's dataset indices into ``self.slot`` (the pseudo-labels' rows).
+        The target images are unlabelled (all -1), so there are no labels to check the order
+        against (``labels=None``): the indices are the train sampler's order, which the loader
+        itself draws its batches from."""
+        return IndexedLoader(loader, self.slot, None)
 
     def start_epoch(self, epoch: int, epochs: int) -> None:
         super().start_epoch(epoch, epochs)

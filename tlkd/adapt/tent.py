@@ -33,6 +33,14 @@ from tlkd.engine.inference import classification_metrics
 from tlkd.engine.objectives import StepOutput
 from tlkd.errors import ConfigError
 
+# what a tent run's val_top1 is not: the saved model as tlkd evaluate (or any plain use of
+# model.safetensors) scores it
+EVALUATE_NOTE = (
+    "model.safetensors is a standard model whose BatchNorm layers use their running "
+    "statistics (the target batches', at BatchNorm's momentum) in eval mode, so tlkd evaluate "
+    "and plain timm score it with those, not with each batch's own: their top-1 can differ "
+    "from val_top1"
+)
 # tent.collect_params adapts nn.BatchNorm2d layers (timm's BatchNormAct2d is one)
 NORMS = (nn.BatchNorm2d,)
 
@@ -151,7 +159,8 @@ class Tent(DomainObjective):
                 if cfg.online
                 else "offline: val_top1 after adaptation on data.unlabeled"
             )
-            + "; BatchNorm on each val batch's own statistics",
+            + "; BatchNorm on each val batch's own statistics. "
+            + EVALUATE_NOTE,
         }
 
     def start_epoch(self, epoch: int, epochs: int) -> None:

@@ -35,9 +35,12 @@ class IndexedLoader:
     """``loader`` unchanged (same batches, same RNG draws), writing each batch's dataset
     indices into ``slot`` before yielding it. ``labels``: the training set's labels; every
     batch's targets are checked against them, so an order out of step is an error, not a
-    silently wrong loss."""
+    silently wrong loss. ``None`` for an unlabelled set (SHOT's target images, all -1), which
+    has nothing to compare: the indices then rest on the order alone (the sampler, checked to
+    be the GlobalBatchSampler the loader draws from), and only a batch with more rows than the
+    order has left is an error."""
 
-    def __init__(self, loader: Any, slot: BatchIndices, labels: torch.Tensor) -> None:
+    def __init__(self, loader: Any, slot: BatchIndices, labels: torch.Tensor | None) -> None:
         if not isinstance(loader.sampler, GlobalBatchSampler):
             raise TlkdError(
                 f"per-sample losses need the training sampler's order; {type(loader).__name__} "
@@ -57,7 +60,11 @@ class IndexedLoader:
             for images, targets in self.loader:
                 idx = order[start : start + len(targets)]
                 start += len(targets)
-                if not torch.equal(self.labels[idx], targets.cpu()):
+                if len(idx) != len(targets):
+                    raise TlkdError(
+                        f"the train loader gave more rows than its sampler's {len(order)}"
+                    )
+                if self.labels is not None and not torch.equal(self.labels[idx], targets.cpu()):
                     raise TlkdError("batch indices out of step with the train loader's batches")
                 self.slot.indices = idx
                 yield images, targets

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from tlkd.engine.objectives import Objective, StepOutput
-from tlkd.models.head import classifier_name
+from tlkd.models.head import classifier_names, is_head_key
 
 DEFAULT_BETA = 0.01  # the official code's rate for new layers (train.sh: weight_decay_rate2)
 
@@ -31,13 +31,14 @@ def l2sp_names(
     model: nn.Module, start: dict[str, torch.Tensor], head_is_new: bool
 ) -> tuple[list[str], list[str]]:
     """(the parameters pulled toward their starting values, the new head's parameters under
-    plain L2): weight tensors only (2 or more dimensions)."""
-    head = classifier_name(model)
+    plain L2): weight tensors only (2 or more dimensions). The head is every classifier
+    (both of a distilled DeiT: ``head`` and ``head_dist``)."""
+    heads = classifier_names(model)
     toward_start, new_head = [], []
     for name, param in model.named_parameters():
         if param.ndim < 2:
             continue
-        if head_is_new and (name == head or name.startswith(head + ".")):
+        if head_is_new and is_head_key(name, heads):
             new_head.append(name)
         elif name in start:
             toward_start.append(name)
@@ -128,6 +129,9 @@ class L2SP(Objective):
 
     def attach(self, model: nn.Module) -> None:
         self.inner.attach(model)
+
+    def before_update(self, model: nn.Module) -> None:
+        self.inner.before_update(model)
 
     def after_update(self, model: nn.Module, update: int, updates: int) -> None:
         self.inner.after_update(model, update, updates)

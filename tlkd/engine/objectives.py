@@ -63,6 +63,10 @@ class Objective(nn.Module, ABC):
         """Told the model once, before the optimizer is built and a checkpoint is restored
         (e.g. BYOL copies it into its target network, which the checkpoint then holds)."""
 
+    def before_update(self, model: nn.Module) -> None:
+        """Told before every optimizer step, the gradients complete (all-reduced under DDP)
+        and not yet clipped (e.g. to drop a module's gradients so the step skips it)."""
+
     def after_update(self, model: nn.Module, update: int, updates: int) -> None:
         """Told after every optimizer step: ``update`` (1-based) of the run's planned
         ``updates`` (e.g. BYOL's EMA of the target network; a count, so a resume gets it)."""

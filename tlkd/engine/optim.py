@@ -16,7 +16,8 @@ from tlkd.engine.objectives import Objective
 
 def build_optimizer(cfg: Config, model: nn.Module, objective: Objective) -> torch.optim.Optimizer:
     """timm's optimizer factory over all of the model's parameters (weight-decay groups and
-    layer-wise LR decay from timm), plus the objective's own parameters (e.g. adapters).
+    layer-wise LR decay from timm), plus the objective's own parameters (e.g. adapters,
+    projectors, discriminators), split by the same no-weight-decay rule.
     Built before freezing so a later unfreeze finds its parameters in the optimizer."""
     opt = cfg.train.optimizer
     kwargs: dict[str, Any] = {}
@@ -31,8 +32,24 @@ def build_optimizer(cfg: Config, model: nn.Module, objective: Objective) -> torc
         **kwargs,
     )
     for group in objective.param_groups():
-        optimizer.add_param_group({"weight_decay": opt.weight_decay, **group})
+        for part in split_weight_decay({"weight_decay": opt.weight_decay, **group}):
+            optimizer.add_param_group(part)
     return optimizer
+
+
+def split_weight_decay(group: dict[str, Any]) -> list[dict[str, Any]]:
+    """An objective's parameter group under timm's no-weight-decay rule, as the model's own
+    groups are (``param_groups_weight_decay``): with weight decay, the tensors of 2 or more
+    dimensions keep it and those of at most one (biases, normalisation scales and shifts)
+    go into a copy of the group with ``weight_decay`` 0; without, the group as it is."""
+    if not group.get("weight_decay"):
+        return [group]
+    decay = [p for p in group["params"] if p.ndim > 1]
+    no_decay = [p for p in group["params"] if p.ndim <= 1]
+    parts = [{**group, "params": decay}] if decay else []
+    if no_decay:
+        parts.append({**group, "params": no_decay, "weight_decay": 0.0})
+    return parts
 
 
 def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, updates_per_epoch: int):

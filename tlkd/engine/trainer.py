@@ -247,6 +247,7 @@ class Trainer:
         return self.result
 
     def _optimizer_step(self) -> None:
+        self.objective.before_update(self.model)
         if self.cfg.clip_grad is not None:
             self.scaler.unscale_(self.optimizer)
             params = [p for g in self.optimizer.param_groups for p in g["params"]]

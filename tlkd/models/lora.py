@@ -1,7 +1,8 @@
 """LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models") on timm models,
 through HuggingFace PEFT (``pip install 'tlkd[lora]'``).
 
-Each target layer ``W`` (a Linear or Conv2d) gets a low-rank update: ``W x + (alpha / rank) *
+Each target layer ``W`` (a plain ``nn.Linear``, or a plain zero-padded ``nn.Conv2d`` without
+groups or dilation: :func:`unsupported`) gets a low-rank update: ``W x + (alpha / rank) *
 B A x``, with ``A`` random (peft's Kaiming-uniform) and ``B`` zero at the start, so training
 starts from the pretrained function. The backbone is frozen but for the adapters; the
 classifier (both heads of a distilled DeiT) trains. peft's ``inject_adapter_in_model`` swaps
@@ -95,7 +96,8 @@ def _matches(name: str, target: str) -> bool:
 def lora_targets(model: nn.Module, targets: list[str] | None) -> list[str]:
     """Names of the Linear/Conv2d layers (outside the classifier) that ``targets`` name: each
     target a module name or a dotted suffix of one; a target that names no such layer is a
-    ConfigError with a did-you-mean. ``None``: the ViT layers of DEFAULT_TARGETS."""
+    ConfigError with a did-you-mean, and so is a named layer LoRA cannot adapt exactly
+    (:func:`unsupported`). ``None``: the ViT layers of DEFAULT_TARGETS."""
     heads = classifier_names(model)
     modules = dict(model.named_modules())
     layers = [
@@ -109,7 +111,7 @@ def lora_targets(model: nn.Module, targets: list[str] | None) -> list[str]:
                 f"the model has none of the default targets ({', '.join(DEFAULT_TARGETS)}, "
                 f"a ViT's): name its Linear or Conv2d layers, e.g. {_examples(layers)}",
             )
-        return found
+        return _supported(found, modules)
     for target in targets:
         if any(_matches(n, target) for n in layers):
             continue
@@ -130,7 +132,46 @@ def lora_targets(model: nn.Module, targets: list[str] | None) -> list[str]:
             f"{target!r} names no Linear or Conv2d layer of the model"
             f"{did_you_mean(target, _suffixes(layers)) or ', e.g. ' + _examples(layers)}",
         )
-    return [n for n in layers if any(_matches(n, t) for t in targets)]
+    return _supported([n for n in layers if any(_matches(n, t) for t in targets)], modules)
+
+
+def unsupported(module: nn.Module) -> str | None:
+    """Why LoRA cannot adapt ``module`` exactly (None: it can). peft's LoRA layer wraps any
+    Linear or Conv2d, but its adapters and tlkd's merge (``W + scale B A``, loaded into a plain
+    layer) reproduce only the plain layers' forward: an exact ``nn.Linear``, or an exact
+    ``nn.Conv2d`` without groups or dilation, zero-padded (peft's adapter convolution takes the
+    kernel, stride and padding alone). Subclasses with a forward of their own (timm's
+    StdConv2d standardises its weight, Conv2dSame pads on the fly) would merge wrongly."""
+    kind = type(module)
+    if kind is nn.Linear:
+        return None
+    if kind is nn.Conv2d:
+        settings = []
+        if module.groups != 1:
+            settings.append(f"groups={module.groups}")
+        if tuple(module.dilation) != (1, 1):
+            settings.append(f"dilation={tuple(module.dilation)}")
+        if module.padding_mode != "zeros":
+            settings.append(f"padding_mode={module.padding_mode!r}")
+        if not settings:
+            return None
+        return f"a Conv2d with {', '.join(settings)}"
+    return f"a {kind.__module__}.{kind.__qualname__} (a subclass with its own forward)"
+
+
+def _supported(names: list[str], modules: dict[str, nn.Module]) -> list[str]:
+    """``names``, each checked by :func:`unsupported`: the first that LoRA cannot adapt is a
+    ConfigError naming it."""
+    for name in names:
+        why = unsupported(modules[name])
+        if why is not None:
+            raise ConfigError(
+                "model.lora.targets",
+                f"{name} is {why}; LoRA adapts plain nn.Linear layers and plain zero-padded "
+                "nn.Conv2d layers without groups or dilation, whose merged weights compute "
+                "the same function: target other layers",
+            )
+    return names
 
 
 def _suffixes(names: list[str]) -> set[str]:

@@ -14,6 +14,7 @@ from tlkd.config.schema import Config
 from tlkd.data.datasets import labeled_folder, unlabeled
 from tlkd.data.paired import PairedLoader
 from tlkd.data.pipeline import extra_loader
+from tlkd.engine import distributed
 from tlkd.engine.progress import Reporter
 from tlkd.errors import ConfigError
 from tlkd.recipes.build import build_experiment, subset_seed
@@ -50,7 +51,7 @@ def adapt(
             "no other images; drop data.unlabeled",
         )
     if entry.source_free:
-        _check_source_free(cfg)
+        _check_source_free(cfg, online)
     elif cfg.data.train is None or cfg.data.val is None:
         key = "data.train" if cfg.data.train is None else "data.val"
         raise ConfigError(
@@ -62,7 +63,12 @@ def adapt(
         if cfg.data.unlabeled is not None
         else None
     )
-    exp = build_experiment(cfg, log=reporter.print, resume=resume, dry_run=dry_run)
+    # a source-free run trains on the target images: its image size and augmentation follow
+    # them (or the source run's size), not the empty data.train
+    source_free = (target if not online else "val") if entry.source_free else None
+    exp = build_experiment(
+        cfg, log=reporter.print, resume=resume, dry_run=dry_run, source_free=source_free
+    )
     cfg = exp.cfg
     if entry.source_free and exp.weights.head != "loaded":
         raise ConfigError(
@@ -128,10 +134,52 @@ def adapt(
     return train(exp, objective, "adapt", reporter, dry_run, plan, extra, resume)
 
 
-def _check_source_free(cfg: Config) -> None:
+def _check_source_free(cfg: Config, online: bool) -> None:
     """A source-free method adapts a trained model without the labelled source: no data.train,
-    and model.pretrained names the trained model (a tlkd run directory or a weights file)."""
+    and model.pretrained names the trained model (a tlkd run directory or a weights file). The
+    method decides what trains (no model.freeze); tent keeps its BatchNorm layers (no
+    SyncBatchNorm); online, the protocol is one pass over the val stream, one update per
+    batch, in one process."""
     a = cfg.adapt
+    m = cfg.model
+    if m.freeze != "none" or m.unfreeze_after is not None:
+        key = "model.freeze" if m.freeze != "none" else "model.unfreeze_after"
+        what = {
+            "shot": " (every layer but the classifier's last Linear)",
+            "tent": " (BatchNorm's scale and shift alone)",
+        }.get(a.method, "")
+        raise ConfigError(
+            key,
+            f"adapt.method {a.method} decides what trains{what}; drop model.freeze and "
+            "model.unfreeze_after",
+        )
+    if a.method == "tent" and cfg.train.sync_bn:
+        raise ConfigError(
+            "train.sync_bn",
+            "tent normalises every batch with its own statistics in its own BatchNorm layers, "
+            "which SyncBatchNorm would replace (and share statistics across processes); drop "
+            "train.sync_bn",
+        )
+    if online:
+        if cfg.train.epochs > 1:
+            raise ConfigError(
+                "train.epochs",
+                f"is {cfg.train.epochs}; adapt.online is one pass over the data.val stream, "
+                "each batch scored before its update: set it to 1",
+            )
+        if cfg.train.accum_steps > 1:
+            raise ConfigError(
+                "train.accum_steps",
+                f"is {cfg.train.accum_steps}; adapt.online makes one update per batch, as "
+                "tent's forward_and_adapt: set it to 1",
+            )
+        if distributed.info().world > 1:
+            raise ConfigError(
+                "adapt.online",
+                f"adapts on one stream in order, which {distributed.info().world} torchrun "
+                "processes would split (each adapting on its share, their updates averaged): "
+                "run it in one process, or adapt offline on data.unlabeled",
+            )
     if cfg.data.train is not None:
         raise ConfigError(
             "data.train",

@@ -8,9 +8,10 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+import yaml
 from pydantic import BaseModel
 from timm.data import resolve_model_data_config
 from timm.optim import get_optimizer_info, list_optimizers
@@ -127,12 +128,18 @@ def build_experiment(
     classifier: bool = True,
     dry_run: bool = False,
     implied: dict[str, Any] | None = None,
+    source_free: LabeledImages | Literal["val"] | None = None,
 ) -> Experiment:
     """Validate what needs the file system or timm, then build data and model (no training).
     ``cfg`` is not changed: the values chosen (image size, classes, defaults, ``auto``
     precision and memory layout, and the mode's ``implied`` values) make ``exp.cfg`` and are
     listed in ``exp.resolved``; a resumed run keeps the values its first start chose. A dry run
-    measures nothing: ``auto`` settings stay ``auto`` unless a measurement is remembered."""
+    measures nothing: ``auto`` settings stay ``auto`` unless a measurement is remembered.
+
+    ``source_free``: a source-free adapt run (no data.train) and the target images it trains
+    on instead (data.unlabeled's, or ``"val"``: the data.val stream, online). The image size
+    is then model.pretrained's run directory's (the size the source model was trained at),
+    or else the target images' own, and the augmentation follows the target images."""
     log = log or _log
     source = cfg
     r = Resolution(cfg, {**_first_choices(resume), **cfg.resolved})
@@ -167,20 +174,26 @@ def build_experiment(
     lora = apply_lora(model, cfg.model.lora) if for_training and cfg.model.lora else None
     if for_training:
         _resolve_optimizer(r, weights.loaded > 0)
+    # the images training reads: data.train's, or a source-free run's target images
+    train_images = splits.train
+    if source_free is not None:
+        train_images = splits.val if isinstance(source_free, str) else source_free
     native = (  # the training images' own size, read once for the two rules below
-        _native_size(splits.train, subset_seed(cfg))
+        _native_size(train_images, subset_seed(cfg))
         if cfg.data.dataset not in SMALL_IMAGE_DATASETS
         and (for_training or cfg.data.image_size is None)
         else None
     )
-    if not r.keep_first("data.image_size", "image_size") and cfg.data.image_size is None:
+    unset = not r.keep_first("data.image_size", "image_size") and cfg.data.image_size is None
+    # a source-free run takes the size its source run was trained at, where it can tell
+    if unset and (source_free is None or not _source_run_input(r)):
         _default_image_size(r, native, model)
     r.keep_first("data.crop_pct")
     model_cfg, values = resolve_input(r.cfg.data, model)  # the model's defaults for the rest
     for key, value in values.items():
         r.set(key, value)
     if for_training:
-        _resolve_augment(r, len(splits.train), native, weights.loaded > 0)
+        _resolve_augment(r, len(train_images), native, weights.loaded > 0)
     model.to(device)
     _resolve_knobs(r, model, model_cfg, device, for_training, log, dry_run)
     cfg = r.cfg
@@ -256,6 +269,38 @@ def _native_size(ds: LabeledImages, seed: int) -> int | None:
         return defaults.median_size(defaults.sample_sizes(paths, seed=seed))
     picks = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:16].tolist()
     return defaults.median_size([ds[i][0].size for i in picks])
+
+
+def _source_run_input(r: Resolution) -> bool:
+    """A source-free run whose model.pretrained is a tlkd run directory: the image size that
+    run used (its config.yaml's ``resolved:`` value, else its config's own), and its eval
+    crop (``crop_pct``) where unset here, so the source model sees its own input size. False
+    (nothing set) when model.pretrained is no run directory or records no size."""
+    pretrained = r.cfg.model.pretrained
+    if not isinstance(pretrained, str) or pretrained == "auto":
+        return False
+    run = Path(pretrained)
+    try:
+        saved = safe_yaml.safe_load((run / CONFIG).read_text()) if run.is_dir() else None
+    except (OSError, ValueError, yaml.YAMLError):  # an unreadable config: the default rule
+        return False
+    if not isinstance(saved, dict):
+        return False
+    resolved = saved.get("resolved") if isinstance(saved.get("resolved"), dict) else {}
+    data = saved.get("data") if isinstance(saved.get("data"), dict) else {}
+
+    def value(key: str) -> Any:
+        return resolved.get(f"data.{key}", data.get(key))
+
+    size = value("image_size")
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+        return False
+    why = f"the size model.pretrained's run {run.name} was trained at ({size}px)"
+    r.set("data.image_size", size, "image_size", why)
+    crop = value("crop_pct")
+    if r.cfg.data.crop_pct is None and isinstance(crop, (int, float)) and 0 < crop <= 1:
+        r.set("data.crop_pct", float(crop))
+    return True
 
 
 def _default_image_size(r: Resolution, native: int | None, model: nn.Module) -> None:

@@ -169,6 +169,9 @@ def evaluate(
             )
         )
     results["overrides"] = given
+    note = _protocol_note(cfg, run is not None)
+    if note is not None:
+        results["note"] = note
     eval_name, confusion_name = EVAL, CONFUSION
     if run is None:
         run = RunDir.create(cfg.output_dir, f"{cfg.experiment}-eval")
@@ -182,6 +185,18 @@ def evaluate(
     results["run_dir"] = str(run.path)
     _print_table(results, reporter)
     return results
+
+
+def _protocol_note(cfg: Any, is_run: bool) -> str | None:
+    """What a run's own val_top1 measured that this evaluation does not (a tent run's batch
+    statistics), or None."""
+    if not is_run or cfg.adapt is None or cfg.adapt.method != "tent":
+        return None
+    return (
+        "a tent run: its val_top1 normalised each val batch with that batch's own BatchNorm "
+        "statistics (summary.json: val_protocol); this evaluation uses the running statistics "
+        "saved in model.safetensors, so its top-1 can differ"
+    )
 
 
 def _print_table(r: dict[str, Any], reporter: Reporter) -> None:
@@ -209,4 +224,6 @@ def _print_table(r: dict[str, Any], reporter: Reporter) -> None:
     if reporter.quiet:
         return
     reporter.console.print(table)
+    if r.get("note"):
+        reporter.print(f"note: {r['note']}")
     reporter.print(f"wrote {Path(r['run_dir']) / r['eval_file']}")

@@ -32,7 +32,7 @@ from tlkd.engine.inference import classification_metrics, predict
 from tlkd.engine.progress import Reporter
 from tlkd.errors import ConfigError
 from tlkd.models.factory import build_model, count_params, read_state_dict
-from tlkd.models.head import classifier_name
+from tlkd.models.head import classifier_names, is_head_key
 from tlkd.models.lora import merged_checkpoint
 from tlkd.recipes.build import build_experiment
 from tlkd.run.rundir import CONFIG, START, SUMMARY, RunDir, write_json
@@ -65,9 +65,10 @@ def interpolate(
 
 
 def head_keys(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> set[str]:
-    """The state-dict names under the model's classifier (its new head)."""
-    head = classifier_name(model)
-    return {k for k in state if k == head or k.startswith(head + ".")}
+    """The state-dict names under the model's classifiers (its new head; both heads of a
+    distilled DeiT)."""
+    heads = classifier_names(model)
+    return {k for k in state if is_head_key(k, heads)}
 
 
 def check_alphas(alphas: list[float]) -> list[float]:
