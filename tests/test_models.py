@@ -21,6 +21,7 @@ from tlkd.models.factory import build_model
 from tlkd.models.freeze import Freezer
 from tlkd.models.head import feature_width
 from tlkd.recipes.finetune import finetune
+from tlkd.run.rundir import RunDir
 
 CLASSES = ["blue", "green", "red"]
 
@@ -41,6 +42,8 @@ def train_with_snapshots(tmp_path, squares, monkeypatch, **model):
         return fit(self, *args, **kwargs)
 
     monkeypatch.setattr(Trainer, "fit", spy_fit)
+    # keep both checkpoints (a finished run drops checkpoint.prev.pt): they are the snapshots
+    monkeypatch.setattr(RunDir, "finish_checkpoints", lambda self, keep: None)
     raw = small_config(tmp_path, *squares, model=model, train={"epochs": 2})
     summary = finetune(validate(raw), reporter=Reporter(quiet=True))
     run = Path(summary["run_dir"])

@@ -25,6 +25,7 @@ from tlkd.engine.trainer import Interrupted, Trainer
 from tlkd.errors import ConfigError
 from tlkd.recipes.evaluate import evaluate
 from tlkd.recipes.finetune import finetune
+from tlkd.run.rundir import RunDir
 from tlkd.recipes.wise import interpolate, wise
 
 LEARNED = ("train_loss", "train_loss_l2sp", "train_top1", "val_loss", "val_top1", "lr")
@@ -215,6 +216,8 @@ def test_lpft_only_the_head_trains_during_lp_then_every_layer(tmp_path, squares,
         "fit",
         lambda self, *a, **k: starts.append(snapshot(self.model)) or fit(self, *a, **k),
     )
+    # keep both checkpoints (a finished run drops checkpoint.prev.pt): they are the snapshots
+    monkeypatch.setattr(RunDir, "finish_checkpoints", lambda self, keep: None)
     weights = pretrained_file(tmp_path / "pre.safetensors")
     summary = quiet_finetune(run_config(tmp_path, *squares, weights, lp_epochs=2))
     run = Path(summary["run_dir"])

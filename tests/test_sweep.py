@@ -72,6 +72,10 @@ def test_interrupted_sweep_completes_and_skips_finished_runs(tmp_path, tiny_conf
     # each run's config is the base with its overrides, and no sweep block
     cfg = (root / "lr-0.02_seed-1" / "config.yaml").read_text()
     assert "lr: 0.02" in cfg and "seed: 1" in cfg and "sweep: null" in cfg
+    # a sweep's finished runs keep no checkpoint (train.keep_checkpoint: false by default)
+    assert "keep_checkpoint: false" in cfg
+    assert sorted(root.glob("*/checkpoint*.pt")) == []
+    assert all((root / r["run"] / "README.md").is_file() for r in rows)
 
 
 def test_sweep_typo_fails_before_any_run(tmp_path, tiny_config, run_cli):

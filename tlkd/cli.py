@@ -70,6 +70,10 @@ def _train_command(
             if not Path(config_).is_file():
                 raise ConfigError("--resume", f"{run_dir} is not a tlkd run directory")
         cfg = load_config(config_, overrides_)  # a config error exits here, before torch loads
+        from tlkd.run.card import COMMAND, command_line
+
+        again = ["--resume", resume] if resume else []
+        COMMAND.set(command_line(mode, config, *(overrides or []), *again))
         from tlkd.engine import distributed
         from tlkd.engine.progress import Reporter
         from tlkd.recipes.modes import recipe as recipe_of
@@ -169,6 +173,10 @@ def sweep(
     def run() -> None:
         from tlkd.engine.progress import Reporter
         from tlkd.recipes.sweep import sweep as run_sweep
+        from tlkd.run.card import COMMAND, command_line
+
+        grids = [a for g in grid or [] for a in ("--grid", g)]
+        COMMAND.set(command_line("sweep", config, *(overrides or []), *grids))
 
         run_sweep(config, grid or [], overrides or [], Reporter(quiet=quiet))
 
@@ -212,6 +220,10 @@ def wise(
     def run() -> None:
         from tlkd.engine.progress import Reporter
         from tlkd.recipes.wise import wise as run_wise
+        from tlkd.run.card import COMMAND, command_line
+
+        shown = [str(a) for a in [*(alpha or []), *(more or [])]]
+        COMMAND.set(command_line("wise", run_dir, *(["--alpha", *shown] if shown else [])))
 
         summary = run_wise(run_dir, [*(alpha or []), *(more or [])], Reporter(quiet=quiet))
         if quiet:

@@ -261,6 +261,10 @@ class TrainConfig(Section):
     # (2+-dim tensors) toward their starting values; it replaces weight decay (default 0 then)
     l2sp: PositiveFloat | None = None
     l2sp_beta: NonNegativeFloat | None = None  # beta/2 ||w||^2 on the new head; default 0.01
+    # whether a finished run keeps checkpoint.pt (to continue it with more epochs); default
+    # (null): kept by a single run, dropped by the runs of a sweep. checkpoint.prev.pt, the
+    # crash-safety copy, is always dropped when a run finishes.
+    keep_checkpoint: bool | None = None
 
     @field_validator("device")
     @classmethod

@@ -121,7 +121,11 @@ def train(
     result = trainer.fit(start) if cfg.train.epochs > 0 else trainer.validate_only()
     if not ddp.is_main:
         return None
-    summary = write_summary(run, exp, mode, result, "finished", summary_extra)
+    keep = cfg.train.keep_checkpoint is not False  # default: kept (sweeps set false)
+    run.finish_checkpoints(keep)
+    summary = write_summary(
+        run, exp, mode, result, "finished", {**(summary_extra or {}), "checkpoint_kept": keep}
+    )
     reporter.print(
         f"done: best val top-1 {summary['best_val_top1']:.2f}% (epoch {summary['best_epoch']}), "
         f"final {summary['final_val_top1']:.2f}%, {summary['wall_time_s']:.1f}s"

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+from timm.data import resolve_model_data_config
+
+from tlkd.config import safe_yaml
 from tlkd.config.schema import Config
 from tlkd.engine.trainer import FitResult
 from tlkd.models.factory import count_params
 from tlkd.recipes.build import Experiment
-from tlkd.run.rundir import SUMMARY, RunDir, write_json
+from tlkd.run.card import COMMAND, README, model_card
+from tlkd.run.rundir import CONFIG, SUMMARY, RunDir, write_json, write_text
 from tlkd.versions import versions
 
 
@@ -83,6 +88,7 @@ def write_summary(
 ) -> dict[str, Any]:
     total, trainable = count_params(exp.model)
     history = result.history if result else []
+    data_cfg = resolve_model_data_config(exp.model)
     summary: dict[str, Any] = {
         "experiment": exp.cfg.experiment,
         "mode": mode,
@@ -113,8 +119,28 @@ def write_summary(
         "weights_warning": exp.weights.warning,
         "defaults_chosen": exp.choices,
         "resolved": exp.resolved,  # the values tlkd chose (config.yaml: resolved)
+        "input_mean": [round(float(v), 4) for v in data_cfg["mean"]],
+        "input_std": [round(float(v), 4) for v in data_cfg["std"]],
+        # the command that started the run (a resume keeps the first one)
+        "command": _previous(run).get("command") or COMMAND.get(),
         "versions": versions(),
     }
     summary.update(extra or {})
     write_json(run.file(SUMMARY), summary)
+    if status == "finished":
+        write_card(run, summary)
     return summary
+
+
+def write_card(run: RunDir, summary: dict[str, Any]) -> None:
+    """README.md, the run's model card (see tlkd/run/card.py)."""
+    config = safe_yaml.safe_load(run.file(CONFIG).read_text()) or {}
+    write_text(run.file(README), model_card(summary, config))
+
+
+def _previous(run: RunDir) -> dict[str, Any]:
+    try:
+        data = json.loads(run.file(SUMMARY).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}

@@ -91,6 +91,8 @@ def sweep(
         name = _run_name(combo)
         extra = [_override(k, v) for k, v in combo.items()]
         extra += [f"output_dir={root}", f"experiment={name}", "sweep=null"]
+        if base.train.keep_checkpoint is None:  # a sweep's finished runs keep no checkpoint
+            extra.append("train.keep_checkpoint=false")
         with _naming(name, combo):
             plans.append((name, combo, load_config(config, [*overrides, *extra])))
     if len({name for name, _, _ in plans}) != len(plans):

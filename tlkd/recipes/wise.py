@@ -35,7 +35,8 @@ from tlkd.models.factory import build_model, count_params, read_state_dict
 from tlkd.models.head import classifier_names, is_head_key
 from tlkd.models.lora import merged_checkpoint
 from tlkd.recipes.build import build_experiment
-from tlkd.run.rundir import CONFIG, START, SUMMARY, RunDir, write_json
+from tlkd.run.card import COMMAND, README, command_line, model_card
+from tlkd.run.rundir import CONFIG, START, SUMMARY, RunDir, write_json, write_text
 from tlkd.versions import versions
 
 
@@ -170,7 +171,10 @@ def wise(
         },
         "versions": versions(),
     }
+    summary["command"] = COMMAND.get()
+    summary["reproduce"] = command_line("wise", str(path), "--alpha", f"{best['alpha']:g}")
     write_json(out.file(SUMMARY), summary)
+    write_text(out.file(README), model_card(summary, saved))
     _print_table(rows, best, summary, path, reporter)
     return summary
 

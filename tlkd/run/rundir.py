@@ -172,6 +172,13 @@ class RunDir:
 
         atomic_write(current, write)
 
+    def finish_checkpoints(self, keep: bool) -> None:
+        """A finished run: drop checkpoint.prev.pt, and checkpoint.pt unless ``keep``."""
+        names = [PREVIOUS_CHECKPOINT] + ([] if keep else [CHECKPOINT])
+        for name in names:
+            with contextlib.suppress(FileNotFoundError):
+                self.file(name).unlink()
+
     def load_checkpoint(self) -> tuple[dict[str, Any], str]:
         """The newest readable checkpoint (weights_only=True) and a note on what was used."""
         errors = []
@@ -188,7 +195,14 @@ class RunDir:
                 errors.append(f"{name} is not a tlkd checkpoint")
                 continue
             return state, "; ".join(errors + [f"resuming from {name}"])
-        raise TlkdError(
-            f"{self.path}: no usable checkpoint to resume from"
-            + (f" ({'; '.join(errors)})" if errors else "")
-        )
+        why = f" ({'; '.join(errors)})" if errors else ""
+        if not errors and _finished(self.file(SUMMARY)):
+            why = " (it finished with train.keep_checkpoint: false, the default in sweeps)"
+        raise TlkdError(f"{self.path}: no usable checkpoint to resume from{why}")
+
+
+def _finished(summary: Path) -> bool:
+    try:
+        return json.loads(summary.read_text()).get("status") == "finished"
+    except (OSError, ValueError, AttributeError):
+        return False
