@@ -35,6 +35,7 @@ def test_finished_run_keeps_one_checkpoint_and_a_card_that_loads_in_plain_timm(
     assert f"{summary['best_val_top1']:.2f}%" in card
     assert summary["command"] in card
     assert f"tlkd finetune {run}/config.yaml" in card
+    assert "16 px (crop_pct 1.0, bilinear interpolation)" in card
     # the card's Python block, run as it is, builds the model with plain timm and loads it
     code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
     scope: dict = {}

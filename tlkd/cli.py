@@ -160,6 +160,31 @@ def export(
 
 
 @app.command()
+def predict(
+    target: str = typer.Argument(..., help="A run directory, or a .onnx file from tlkd export."),
+    inputs: list[str] = typer.Argument(..., help="Image files, folders (recursive) or globs."),
+    out: str = typer.Option(None, "--out", "-o", help="Write every row to FILE.csv or .jsonl."),
+    topk: int = typer.Option(5, "--topk", "-k", help="Classes kept per image, best first."),
+    batch_size: int = typer.Option(64, "--batch-size", "-b", help="Images per forward pass."),
+    quiet: bool = QUIET,
+) -> None:
+    """Classify images with a run's best model (or its ONNX export), as evaluate preprocesses."""
+
+    def run() -> None:
+        from tlkd.engine.progress import Reporter
+        from tlkd.recipes.predict import predict as run_predict
+
+        result = run_predict(target, inputs, out, topk, batch_size, reporter=Reporter(quiet=quiet))
+        if quiet:
+            print(
+                f"{result['predicted']} of {result['images']} images predicted"
+                + (f", written to {result['out']}" if "out" in result else "")
+            )
+
+    _guard(run)
+
+
+@app.command()
 def sweep(
     config: str = typer.Argument(..., help="Experiment YAML file (may hold a sweep: block)."),
     overrides: list[str] = OVERRIDES,

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from timm.data import resolve_model_data_config
 
 from tlkd.config.loader import effective, load_config, with_values
 from tlkd.errors import ConfigError, TlkdError
@@ -29,6 +30,18 @@ def load_run_model(run: Path) -> tuple[torch.nn.Module, Any, list[str]]:
     classes = json.loads((run / SUMMARY).read_text())["classes"]
     model, _ = build_model(cfg.model, len(classes), classes)
     return model.eval(), cfg, classes
+
+
+def preprocess_of(model: torch.nn.Module, cfg: Any) -> dict[str, Any]:
+    """The input pipeline of a run's model: eval resize/crop and normalisation."""
+    data_cfg = resolve_model_data_config(model)
+    return {
+        "image_size": int(cfg.data.image_size),
+        "crop_pct": float(cfg.data.crop_pct),
+        "interpolation": str(cfg.data.interpolation),
+        "mean": [float(v) for v in data_cfg["mean"]],
+        "std": [float(v) for v in data_cfg["std"]],
+    }
 
 
 def export(
@@ -59,6 +72,7 @@ def export(
         "classes": classes,
         "max_abs_diff": diff,
         "verified": diff is not None and diff <= atol,
+        "preprocess": preprocess_of(model, cfg),  # what `tlkd predict FILE.onnx` applies
     }
     if diff is not None and diff > atol:
         raise TlkdError(f"exported {fmt} outputs differ from PyTorch's by {diff:.2e} (> {atol})")

@@ -75,13 +75,17 @@ def model_card(summary: dict[str, Any], config: dict[str, Any]) -> str:
             *_fence("console", command_line(summary["mode"], f"{run_dir}/config.yaml")),
         ]
     lines += ["## Use it", ""]
-    size = data.get("image_size") or resolved.get("data.image_size")
-    interpolation = data.get("interpolation") or resolved.get("data.interpolation") or "bicubic"
+
+    def used(key: str) -> Any:  # the value the run used: given, else chosen by tlkd
+        value = data.get(key)
+        return value if value is not None else resolved.get(f"data.{key}")
+
+    size, interpolation, crop = used("image_size"), used("interpolation"), used("crop_pct")
     mean, std = summary.get("input_mean"), summary.get("input_std")
     norm = f", normalised with mean {mean} and std {std}" if mean and std else ""
     lines += [
-        f"Input: RGB images resized and centre-cropped to {size} px (crop_pct "
-        f"{data.get('crop_pct') or 'the model default'}, {interpolation}){norm}; outputs are "
+        f"Input: RGB images resized and centre-cropped to {size} px (crop_pct {crop}, "
+        f"{interpolation} interpolation){norm}; outputs are "
         f"logits over the classes in the order above. With tlkd:",
         "",
         *_fence(
