@@ -25,8 +25,8 @@ from tlkd.engine.trainer import Interrupted, Trainer
 from tlkd.errors import ConfigError
 from tlkd.recipes.evaluate import evaluate
 from tlkd.recipes.finetune import finetune
-from tlkd.run.rundir import RunDir
 from tlkd.recipes.wise import interpolate, wise
+from tlkd.run.rundir import RunDir
 
 LEARNED = ("train_loss", "train_loss_l2sp", "train_top1", "val_loss", "val_top1", "lr")
 

@@ -10,16 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import error_line
 
-from tests.conftest import error_line
 from tlkd.engine.progress import Reporter
 from tlkd.recipes import evaluate as evaluate_module
 from tlkd.recipes.predict import predict
 
 
-def test_predict_on_the_val_folder_gives_evaluates_probabilities_and_top1(
-    trained_run, monkeypatch
-):
+def test_predict_on_the_val_folder_gives_evaluates_probabilities_and_top1(trained_run, monkeypatch):
     seen = {}
     real = evaluate_module.predict
 
@@ -92,4 +90,4 @@ def test_predict_with_the_onnx_export_matches_the_run(trained_run, tmp_path):
     a = predict(trained_run.dir, [str(trained_run.val)], reporter=quiet)["rows"]
     b = predict(onnx_file, [str(trained_run.val)], reporter=quiet)["rows"]
     assert [r["class"] for r in a] == [r["class"] for r in b]
-    assert max(abs(x["probability"] - y["probability"]) for x, y in zip(a, b)) < 1e-4
+    assert max(abs(x["probability"] - y["probability"]) for x, y in zip(a, b, strict=True)) < 1e-4

@@ -7,9 +7,8 @@ import json
 import re
 
 import torch
+from conftest import error_line
 from safetensors.torch import load_file
-
-from tests.conftest import error_line
 
 
 def finished(tmp_path, name: str = "tiny") -> tuple:
