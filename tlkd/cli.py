@@ -142,19 +142,33 @@ def export(
     run_dir: str = typer.Argument(..., help="A tlkd run directory."),
     fmt: str = typer.Option("onnx", "--format", "-f", help="onnx or torchscript"),
     output: str = typer.Option(None, "--output", "-o", help="Default: the run directory."),
+    quantize: str = typer.Option(
+        None, "--quantize", help="int8: also an int8 ONNX model, calibrated on training images."
+    ),
+    calibration: int = typer.Option(256, "--calibration", help="int8: calibration images."),
+    max_drop: float = typer.Option(
+        1.0, "--max-drop", help="int8: refuse if val top-1 drops more than this many points."
+    ),
 ) -> None:
     """Export a run's best model (ONNX or TorchScript), verified against PyTorch's outputs."""
 
     def run() -> None:
         from tlkd.recipes.export import export as run_export
 
-        report = run_export(run_dir, fmt, output)
+        report = run_export(run_dir, fmt, output, 1e-4, quantize, calibration, max_drop)
         check = (
             f"outputs match PyTorch's (max abs diff {report['max_abs_diff']:.2e})"
             if report["verified"]
             else "not verified (pip install onnxruntime to check)"
         )
         print(f"wrote {report['file']}: {check}")
+        if "int8" in report:
+            q = report["int8"]
+            print(
+                f"wrote {q['file']}: val top-1 {q['int8_top1']:.2f}% (fp32 {q['fp32_top1']:.2f}%), "
+                f"{q['int8_latency_ms']:.2f} ms/image at batch 1 (fp32 "
+                f"{q['fp32_latency_ms']:.2f}), {q['int8_mb']:.1f} MiB (fp32 {q['fp32_mb']:.1f})"
+            )
 
     _guard(run)
 

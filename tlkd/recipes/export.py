@@ -45,10 +45,22 @@ def preprocess_of(model: torch.nn.Module, cfg: Any) -> dict[str, Any]:
 
 
 def export(
-    run_dir: str | Path, fmt: str, output: str | Path | None = None, atol: float = 1e-4
+    run_dir: str | Path,
+    fmt: str,
+    output: str | Path | None = None,
+    atol: float = 1e-4,
+    quantize: str | None = None,
+    calibration: int = 256,
+    max_drop: float = 1.0,
 ) -> dict[str, Any]:
+    """Write the run's best model as ``fmt``, verified against PyTorch; with ``quantize:
+    int8`` (ONNX) also an int8 model, scored against the fp32 one (tlkd/recipes/quantize.py)."""
     if fmt not in FORMATS:
         raise ConfigError("--format", f"expected one of {', '.join(FORMATS)}, got {fmt!r}")
+    if quantize is not None and quantize != "int8":
+        raise ConfigError("--quantize", f"expected int8, got {quantize!r}")
+    if quantize is not None and fmt != "onnx":
+        raise ConfigError("--quantize", "int8 quantization is for --format onnx")
     run = Path(run_dir).expanduser().resolve()
     model, cfg, classes = load_run_model(run)
     size = cfg.data.image_size
@@ -58,6 +70,7 @@ def export(
     with torch.inference_mode():
         expected = model(check)
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         if fmt == "onnx":
             got = _onnx(model, example, check, out)
         else:
@@ -76,7 +89,24 @@ def export(
     }
     if diff is not None and diff > atol:
         raise TlkdError(f"exported {fmt} outputs differ from PyTorch's by {diff:.2e} (> {atol})")
+    int8 = None
+    if quantize == "int8":
+        from tlkd.recipes.predict import Preprocess
+        from tlkd.recipes.quantize import quantize_int8
+
+        pre = report["preprocess"]
+        preprocess = Preprocess(**{**pre, "mean": tuple(pre["mean"]), "std": tuple(pre["std"])})
+        int8 = quantize_int8(out, cfg, preprocess, calibration, max_drop)
+        report["int8"] = int8
+        if int8["kept"]:  # its own sidecar: tlkd predict model.int8.onnx reads it
+            int8_file = Path(int8["file"])
+            sidecar = {**report, "file": str(int8_file), "max_abs_diff": None, "verified": None}
+            write_json(int8_file.with_suffix(".onnx.json"), sidecar)
     write_json(out.with_suffix(out.suffix + ".json"), report)
+    if int8 is not None and not int8["kept"]:
+        from tlkd.recipes.quantize import refusal
+
+        raise refusal(int8)
     return report
 
 
