@@ -14,7 +14,7 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) $(TORCH_PIN)
-	$(PIP) -e '.[dev,export,lora]'
+	$(PIP) -e '.[dev,export,lora,tracking,tune]'
 	touch $(STAMP)
 
 install: $(STAMP)

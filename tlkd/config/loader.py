@@ -59,6 +59,17 @@ def resolved_dict(cfg: Config) -> dict[str, Any]:
     return data
 
 
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as one mapping of dotted keys (``{"train.optimizer.lr": 0.01}``);
+    lists are values."""
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): data}
+
+
 def with_values(cfg: Config, values: dict[str, Any]) -> Config:
     """A new config: ``cfg`` with the dotted keys of ``values`` set (``data.image_size``,
     ``distill.losses.0.student_layers``; a section may be given whole), validated again. The

@@ -459,6 +459,23 @@ PretrainConfig = create_model(
 )
 
 
+class TrackingConfig(Section):
+    """Experiment tracking (needs ``pip install 'tlkd[tracking]'``; tlkd/run/tracking.py)."""
+
+    # true: an MLflow store in output_dir (mlflow.db, artifacts in mlartifacts/); or a
+    # tracking URI (http://server:5000, sqlite:///path.db, postgresql://..., databricks)
+    mlflow: bool | str = False
+    tensorboard: bool = False  # TensorBoard event files in <run dir>/tensorboard
+    experiment: str | None = None  # MLflow experiment; default: the run's (a sweep's: its own)
+
+    @field_validator("mlflow")
+    @classmethod
+    def _uri(cls, v: bool | str) -> bool | str:
+        if isinstance(v, str) and ":" not in v:
+            raise ValueError(f"expected true, false or a tracking URI (scheme:...), got {v!r}")
+        return v
+
+
 class SweepConfig(Section):
     """``grid: {key.path: [values...]}``: every combination runs (``tlkd sweep``)."""
 
@@ -488,6 +505,7 @@ class Config(Section):
     distill: DistillConfig | None = None
     adapt: AdaptConfig | None = None  # tlkd adapt
     pretrain: PretrainConfig | None = None  # tlkd pretrain
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     # values tlkd chose at a run's first start for keys left unset ("data.image_size": 32, ...),
     # written by tlkd into the run's config.yaml; a rerun or a resume of it uses them
     resolved: dict[str, Any] = Field(default_factory=dict)

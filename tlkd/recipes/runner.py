@@ -11,16 +11,18 @@ import torch
 import yaml
 
 from tlkd.config import safe_yaml
-from tlkd.config.loader import resolved_dict
+from tlkd.config.loader import flatten, resolved_dict
+from tlkd.config.schema import Config
 from tlkd.engine import distributed
 from tlkd.engine.objectives import Objective
 from tlkd.engine.optim import build_optimizer, build_scheduler
 from tlkd.engine.progress import Reporter
-from tlkd.engine.trainer import Trainer
+from tlkd.engine.trainer import FitResult, Interrupted, Trainer
 from tlkd.errors import ConfigError
 from tlkd.models.freeze import Freezer
 from tlkd.recipes.build import Experiment
 from tlkd.recipes.summary import plan_lines, write_summary
+from tlkd.run import tracking
 from tlkd.run.rundir import CONFIG, START, RunDir
 
 
@@ -56,6 +58,7 @@ def train(
     steps = len(exp.loaders.train)
     updates_per_epoch = -(-steps // cfg.train.accum_steps)
     scheduler = build_scheduler(cfg, optimizer, updates_per_epoch)
+    tracking.check(cfg)  # the libraries tracking asks for, before anything runs
     if dry_run:
         reporter.print("resolved config:")
         reporter.print(yaml.safe_dump(saved_config(exp), sort_keys=False).rstrip())
@@ -92,6 +95,13 @@ def train(
     for line in plan_lines(exp, steps, mode) + (plan_extra or []):
         reporter.print(line)
     write_summary_(run, exp, mode, None, "running", summary_extra)
+    tracker = tracking.Tracker(cfg, run, mode) if ddp.is_main else None
+
+    def epoch_end(result: FitResult) -> None:
+        write_summary_(run, exp, mode, result, "running", summary_extra)
+        if tracker is not None:
+            tracker.epochs(result.history)
+
     trainer = Trainer(
         model=exp.model,
         objective=objective,
@@ -111,14 +121,24 @@ def train(
             "tlkd_model": cfg.model.name,
             "tlkd_num_classes": str(cfg.model.num_classes),
         },
-        on_epoch_end=lambda r: write_summary_(run, exp, mode, r, "running", summary_extra),
+        on_epoch_end=epoch_end,
     )
     start = 1
     if resume is not None:
         start = trainer.restore(state)
         reporter.print(f"resume      {note}: epoch {start} of {cfg.train.epochs}")
-    # train.epochs 0 (adapt.method: adabn): validate the adapted model, train nothing
-    result = trainer.fit(start) if cfg.train.epochs > 0 else trainer.validate_only()
+    if tracker is not None:
+        for line in tracker.start(saved_config(exp), start):
+            reporter.print(line)
+        tracker.epochs(trainer.result.history)  # a resume: epochs its last start did not log
+    try:
+        # train.epochs 0 (adapt.method: adabn): validate the adapted model, train nothing
+        result = trainer.fit(start) if cfg.train.epochs > 0 else trainer.validate_only()
+    except BaseException as err:
+        if tracker is not None:
+            stopped = isinstance(err, Interrupted | KeyboardInterrupt)
+            tracker.finish(None, "KILLED" if stopped else "FAILED")
+        raise
     if not ddp.is_main:
         return None
     keep = cfg.train.keep_checkpoint is not False  # default: kept (sweeps set false)
@@ -126,6 +146,8 @@ def train(
     summary = write_summary(
         run, exp, mode, result, "finished", {**(summary_extra or {}), "checkpoint_kept": keep}
     )
+    if tracker is not None:
+        tracker.finish(summary)
     reporter.print(
         f"done: best val top-1 {summary['best_val_top1']:.2f}% (epoch {summary['best_epoch']}), "
         f"final {summary['final_val_top1']:.2f}%, {summary['wall_time_s']:.1f}s"
@@ -160,8 +182,10 @@ def check_resumable(run: RunDir, exp: Experiment) -> None:
     saved_file = run.file(CONFIG)
     if not saved_file.is_file():
         raise ConfigError("--resume", f"{run.path} is not a tlkd run directory (no {CONFIG})")
-    saved = _flatten(safe_yaml.safe_load(saved_file.read_text()))
-    now = _flatten(saved_config(exp))
+    # a key the run's config lacks (added to tlkd since) counts as its default
+    defaults = flatten(resolved_dict(Config()))
+    saved = {**defaults, **flatten(safe_yaml.safe_load(saved_file.read_text()))}
+    now = flatten(saved_config(exp))
     ignored = {"train.epochs", "output_dir", "experiment", "data.cache_dir"}
     differ = sorted(
         k
@@ -171,12 +195,3 @@ def check_resumable(run: RunDir, exp: Experiment) -> None:
     if differ:
         shown = ", ".join(differ[:6]) + (", ..." if len(differ) > 6 else "")
         raise ConfigError("--resume", f"the config differs from the run's in: {shown}")
-
-
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(data, dict):
-        out: dict[str, Any] = {}
-        for k, v in data.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix.rstrip("."): data}

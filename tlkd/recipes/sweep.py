@@ -93,6 +93,9 @@ def sweep(
         extra += [f"output_dir={root}", f"experiment={name}", "sweep=null"]
         if base.train.keep_checkpoint is None:  # a sweep's finished runs keep no checkpoint
             extra.append("train.keep_checkpoint=false")
+        if base.tracking.mlflow is not False and base.tracking.experiment is None:
+            # one MLflow experiment for the whole sweep
+            extra.append(f"tracking.experiment={base.experiment}")
         with _naming(name, combo):
             plans.append((name, combo, load_config(config, [*overrides, *extra])))
     if len({name for name, _, _ in plans}) != len(plans):
