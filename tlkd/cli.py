@@ -223,6 +223,34 @@ def sweep(
 
 
 @app.command()
+def tune(
+    config: str = typer.Argument(..., help="Experiment YAML file with a tune: block."),
+    overrides: list[str] = OVERRIDES,
+    trials: int = typer.Option(None, "--trials", "-n", help="Trials in the study (all workers)."),
+    storage: str = typer.Option(
+        None, "--storage", help="Optuna storage URL (default: SQLite in the tune folder)."
+    ),
+    study: str = typer.Option(None, "--study", help="Study name (default: the experiment)."),
+    quiet: bool = QUIET,
+) -> None:
+    """Search hyperparameters with Optuna: each trial a run directory; prints the best."""
+
+    def run() -> None:
+        from tlkd.engine.progress import Reporter
+        from tlkd.recipes.tune import tune as run_tune
+        from tlkd.run.card import COMMAND, command_line
+
+        given = [*(["--trials", str(trials)] if trials else []), *(overrides or [])]
+        COMMAND.set(command_line("tune", config, *given))
+        result = run_tune(config, overrides or [], trials, storage, study, Reporter(quiet=quiet))
+        if quiet and result["best"] is not None:
+            best = result["best"]
+            print(f"best trial {best['trial']}: {result['metric']} {best[result['metric']]:.4g}")
+
+    _guard(run)
+
+
+@app.command()
 def compare(
     run_dirs: list[str] = typer.Argument(..., help="Run directories."),
     json_out: str = typer.Option(None, "--json", help="Also write the tables as JSON here."),

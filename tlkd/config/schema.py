@@ -476,6 +476,46 @@ class TrackingConfig(Section):
         return v
 
 
+class TuneConfig(Section):
+    """``tlkd tune``: an Optuna search over config keys (tlkd/recipes/tune.py).
+
+    ``space`` maps a dotted key to a list of values (categorical) or to one of
+    ``{log: [low, high]}`` (float, log-uniform), ``{range: [low, high]}`` (float, uniform),
+    ``{int: [low, high]}`` (integer, both ends included)."""
+
+    space: dict[str, list[Any] | dict[str, list[float]]]
+    metric: str = "best_val_top1"  # a number in the trial's summary.json
+    direction: Literal["maximize", "minimize"] = "maximize"
+    pruner: Literal["median", "none"] = "median"  # median: Optuna's MedianPruner on val
+    sampler: Literal["tpe", "random"] = "tpe"
+    trials: PositiveInt | None = None  # the study's total; --trials overrides
+
+    @field_validator("space")
+    @classmethod
+    def _space(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if not v:
+            raise ValueError("give at least one key to search")
+        for key, spec in v.items():
+            if isinstance(spec, list):
+                if not spec:
+                    raise ValueError(f"{key}: give at least one value")
+                continue
+            kinds = set(spec)
+            if len(kinds) != 1 or not kinds <= {"log", "range", "int"}:
+                raise ValueError(
+                    f"{key}: expected a list of values or one of log: [low, high], "
+                    f"range: [low, high], int: [low, high]; got {sorted(kinds)}"
+                )
+            ((kind, bounds),) = spec.items()
+            if len(bounds) != 2 or not bounds[0] < bounds[1]:
+                raise ValueError(f"{key}: {kind} needs [low, high] with low < high")
+            if kind == "log" and bounds[0] <= 0:
+                raise ValueError(f"{key}: log needs low > 0")
+            if kind == "int" and not all(float(b).is_integer() for b in bounds):
+                raise ValueError(f"{key}: int needs whole-number bounds")
+        return v
+
+
 class SweepConfig(Section):
     """``grid: {key.path: [values...]}``: every combination runs (``tlkd sweep``)."""
 
@@ -506,6 +546,7 @@ class Config(Section):
     adapt: AdaptConfig | None = None  # tlkd adapt
     pretrain: PretrainConfig | None = None  # tlkd pretrain
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    tune: TuneConfig | None = None  # tlkd tune: the search space (ignored by other commands)
     # values tlkd chose at a run's first start for keys left unset ("data.image_size": 32, ...),
     # written by tlkd into the run's config.yaml; a rerun or a resume of it uses them
     resolved: dict[str, Any] = Field(default_factory=dict)

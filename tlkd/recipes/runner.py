@@ -4,6 +4,8 @@ checking the config is the same experiment), the training loop and the summary."
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,12 @@ from tlkd.recipes.build import Experiment
 from tlkd.recipes.summary import plan_lines, write_summary
 from tlkd.run import tracking
 from tlkd.run.rundir import CONFIG, START, RunDir
+
+# Callbacks of whoever runs this process's runs, called with each epoch's metrics row on the
+# main process after the run's own files are written (tlkd tune reports val to Optuna there).
+EPOCH_HOOKS: ContextVar[tuple[Callable[[dict[str, Any]], None], ...]] = ContextVar(
+    "tlkd_epoch_hooks", default=()
+)
 
 
 def train(
@@ -101,6 +109,8 @@ def train(
         write_summary_(run, exp, mode, result, "running", summary_extra)
         if tracker is not None:
             tracker.epochs(result.history)
+        for hook in EPOCH_HOOKS.get():
+            hook(result.history[-1])
 
     trainer = Trainer(
         model=exp.model,
