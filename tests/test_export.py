@@ -65,8 +65,7 @@ def test_int8_export_refuses_a_larger_drop(trained_run, tmp_path, run_cli, monke
 
     from tlkd.recipes import quantize
 
-    scores = iter([90.0, 50.0])  # fp32, then int8
-    monkeypatch.setattr(quantize, "_top1", lambda session, batches: next(scores))
+    monkeypatch.setattr(quantize, "_top1", lambda sessions, batches: [90.0, 50.0])
     out = tmp_path / "m.onnx"
     proc = run_cli("export", trained_run.dir, "-o", out, "--quantize", "int8", "--max-drop", "2")
     assert proc.returncode == 1

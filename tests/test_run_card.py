@@ -76,3 +76,20 @@ def test_card_of_an_mlp_head_says_timm_cannot_build_it(tmp_path, tiny_config, ru
     card = (run / "README.md").read_text()
     assert "```python" not in card
     assert f"model.pretrained: {run}" in card
+
+
+def test_a_run_saved_before_newer_keys_resumes(tmp_path, tiny_config, run_cli):
+    """config.yaml of a run made by an older tlkd lacks the keys added since: they count as
+    their defaults, so the resume is not refused as a different experiment."""
+    import yaml
+
+    assert run_cli("finetune", tiny_config(), "train.epochs=1").returncode == 0
+    run, _ = finished(tmp_path)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    del saved["tracking"], saved["train"]["keep_checkpoint"]
+    (run / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    proc = run_cli("finetune", "--resume", run, "train.epochs=2")
+    assert proc.returncode == 0, proc.stderr
+    # a real difference is still refused
+    proc = run_cli("finetune", "--resume", run, "train.epochs=3", "train.batch_size=4")
+    assert proc.returncode == 2 and "train.batch_size" in error_line(proc)

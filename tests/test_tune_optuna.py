@@ -62,6 +62,7 @@ def test_pruned_trials_are_marked(tmp_path, tiny_config, run_cli, monkeypatch):
     assert states == ["complete", "pruned"]
     summary = json.loads((root / "trial-0001" / "summary.json").read_text())
     assert summary["status"] == "pruned" and summary["epochs_done"] == 1
+    assert not list((root / "trial-0001").glob("checkpoint*"))  # like a finished trial
 
 
 def test_tune_errors_come_before_any_trial(tmp_path, tiny_config, run_cli):
@@ -73,12 +74,17 @@ def test_tune_errors_come_before_any_trial(tmp_path, tiny_config, run_cli):
     assert proc.returncode == 2 and "train.optimizer.lrr" in line and "lr" in line
     proc = run_cli("tune", tune_config(tiny_config))
     assert proc.returncode == 2 and "--trials" in error_line(proc)
+    proc = run_cli("tune", tune_config(tiny_config, metric="best_val_top"), "--trials", "2")
+    line = error_line(proc)
+    assert proc.returncode == 2 and "tune.metric" in line and "best_val_top1" in line
     assert not (tmp_path / "runs" / "tiny-tune").exists()
 
 
 def test_two_workers_on_one_storage_share_the_budget(tmp_path, tiny_config):
     config = tune_config(tiny_config, sampler="random")
     storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    # the storage's tables first: two processes creating a new SQLite schema at once race
+    optuna.create_study(storage=storage, study_name="shared", direction="maximize")
     args = [sys.executable, "-m", "tlkd", "tune", str(config), "--trials", "5"]
     args += ["--storage", storage, "--study", "shared", "-q"]
     workers = [

@@ -30,10 +30,12 @@ RESUME = typer.Option(
 
 
 def _guard(fn: Callable[[], Any]) -> Any:
+    import contextvars
+
     from tlkd.errors import TlkdError
 
-    try:
-        return fn()
+    try:  # in a copy of the context: values a command sets (the command line) end with it
+        return contextvars.copy_context().run(fn)
     except TlkdError as err:
         print(f"error: {err}", file=sys.stderr)
         raise typer.Exit(err.exit_code) from None

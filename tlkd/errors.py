@@ -26,3 +26,11 @@ class BadImageError(TlkdError):
             last = [line for line in message.splitlines() if line.strip()][-1]
             message = last.split("BadImageError: ", 1)[-1]
         super().__init__(message)
+
+
+STOP_EXIT_CODES = (130, 143)  # a run stopped by SIGINT / SIGTERM (tlkd.engine.trainer)
+
+
+def is_stop(err: BaseException) -> bool:
+    """Whether ``err`` is a stop signal's (Ctrl-C, SIGTERM): loops over runs end there."""
+    return isinstance(err, KeyboardInterrupt) or getattr(err, "exit_code", None) in STOP_EXIT_CODES

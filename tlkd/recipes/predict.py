@@ -113,13 +113,25 @@ def onnx_predictor(path: Path) -> Predictor:
         raise TlkdError(
             "predicting with an ONNX file needs onnxruntime: pip install 'tlkd[export]'"
         ) from None
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as err:  # noqa: BLE001 - onnxruntime's errors for a file it cannot load
+        raise ConfigError(None, f"onnxruntime cannot load {path.name}: {_line(err)}") from None
     name = session.get_inputs()[0].name
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(session.run(None, {name: x.numpy()})[0])).float()
+        try:
+            out = session.run(None, {name: x.numpy()})[0]
+        except Exception as err:  # noqa: BLE001 - e.g. a model exported for a fixed batch
+            raise TlkdError(f"onnxruntime failed on {path.name}: {_line(err)}") from None
+        return torch.from_numpy(np.asarray(out)).float()
 
     return Predictor(forward, classes, preprocess, str(path), {"device": "cpu (onnxruntime)"})
+
+
+def _line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return (lines[0] if lines else type(err).__name__)[:300]
 
 
 def collect_images(inputs: Sequence[str]) -> list[Path]:
@@ -164,8 +176,8 @@ class _Files(Dataset):
         try:
             with Image.open(self.files[i]) as img:
                 return i, self.transform(img.convert("RGB")), None
-        except (OSError, ValueError, SyntaxError) as err:  # what PIL raises for bad files
-            return i, None, f"{type(err).__name__}: {err}"
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+            return i, None, f"{type(err).__name__}: {err}"  # what PIL raises for bad files
 
 
 def _collate(batch: list) -> list:

@@ -40,13 +40,15 @@ def _session(path: Path) -> Any:
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
-def _top1(session: Any, batches: list[tuple[np.ndarray, np.ndarray]]) -> float:
-    name = session.get_inputs()[0].name
-    correct = total = 0
+def _top1(sessions: list[Any], batches: Iterator[tuple[np.ndarray, np.ndarray]]) -> list[float]:
+    """Val top-1 (%) of each session, one pass over the batches (never all in memory)."""
+    names = [s.get_inputs()[0].name for s in sessions]
+    correct, total = [0] * len(sessions), 0
     for x, y in batches:
-        correct += int((session.run(None, {name: x})[0].argmax(axis=1) == y).sum())
+        for i, (session, name) in enumerate(zip(sessions, names, strict=True)):
+            correct[i] += int((session.run(None, {name: x})[0].argmax(axis=1) == y).sum())
         total += len(y)
-    return 100.0 * correct / max(total, 1)
+    return [100.0 * c / max(total, 1) for c in correct]
 
 
 def _latency_ms(session: Any, size: int, runs: int = 50) -> float:
@@ -98,7 +100,9 @@ def quantize_int8(
         raise ConfigError("--max-drop", f"must be at least 0 points, got {max_drop:g}")
     if calibration < 1:
         raise ConfigError("--calibration", f"must be at least 1 image, got {calibration}")
-    splits = build_splits(cfg.data, cfg.seed)
+    from tlkd.recipes.build import subset_seed
+
+    splits = build_splits(cfg.data, subset_seed(cfg))  # the run's own train/val split
     if len(splits.train) == 0 or len(splits.val) == 0:
         raise ConfigError("data", "int8 calibration and scoring need the run's train and val data")
     # calibration images: a seeded sample of the training split, evaluate's preprocessing
@@ -116,7 +120,7 @@ def quantize_int8(
     out = fp32_file.with_name(fp32_file.name.removesuffix(".onnx") + INT8_SUFFIX)
     prepared = out.with_name(f".{out.name}.prep.onnx")
     t0 = time.perf_counter()
-    try:
+    try:  # onnxruntime's failures (an operator it cannot quantize, ...) become one line
         quant_pre_process(str(fp32_file), str(prepared))  # shape inference, folding (ORT's)
         fp32_nodes = end_layers(prepared)
         quantize_static(
@@ -129,18 +133,26 @@ def quantize_int8(
             activation_type=QuantType.QUInt8,
             nodes_to_exclude=fp32_nodes,
         )
+    except Exception as err:  # noqa: BLE001 - onnx/onnxruntime raise many kinds
+        with contextlib.suppress(OSError):
+            out.unlink()
+        lines = str(err).strip().splitlines()
+        raise TlkdError(
+            f"int8 quantization failed: {lines[0] if lines else type(err).__name__}"
+        ) from None
     finally:
         with contextlib.suppress(OSError):
             prepared.unlink()
     quantize_s = time.perf_counter() - t0
-    val = list(_batches(splits.val, list(range(len(splits.val))), preprocess, batch))
     fp32, int8 = _session(fp32_file), _session(out)
+    val = _batches(splits.val, list(range(len(splits.val))), preprocess, batch)
+    fp32_top1, int8_top1 = _top1([fp32, int8], val)
     report = {
         "file": str(out),
         "calibration_images": min(calibration, len(splits.train)),
         "val_images": len(splits.val),
-        "fp32_top1": _top1(fp32, val),
-        "int8_top1": _top1(int8, val),
+        "fp32_top1": fp32_top1,
+        "int8_top1": int8_top1,
         "fp32_latency_ms": _latency_ms(fp32, preprocess.image_size),
         "int8_latency_ms": _latency_ms(int8, preprocess.image_size),
         "fp32_mb": fp32_file.stat().st_size / 2**20,

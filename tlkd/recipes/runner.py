@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from tlkd.config import safe_yaml
-from tlkd.config.loader import flatten, resolved_dict
+from tlkd.config.loader import flatten, resolved_dict, validate
 from tlkd.config.schema import Config
 from tlkd.engine import distributed
 from tlkd.engine.objectives import Objective
@@ -29,7 +29,7 @@ from tlkd.run.rundir import CONFIG, START, RunDir
 
 # Callbacks of whoever runs this process's runs, called with each epoch's metrics row on the
 # main process after the run's own files are written (tlkd tune reports val to Optuna there).
-EPOCH_HOOKS: ContextVar[tuple[Callable[[dict[str, Any]], None], ...]] = ContextVar(
+EPOCH_HOOKS: ContextVar[tuple[Callable[[Path, dict[str, Any]], None], ...]] = ContextVar(
     "tlkd_epoch_hooks", default=()
 )
 
@@ -109,8 +109,8 @@ def train(
         write_summary_(run, exp, mode, result, "running", summary_extra)
         if tracker is not None:
             tracker.epochs(result.history)
-        for hook in EPOCH_HOOKS.get():
-            hook(result.history[-1])
+        for hook in EPOCH_HOOKS.get():  # main process only: under torchrun, must not raise
+            hook(run.path, result.history[-1])
 
     trainer = Trainer(
         model=exp.model,
@@ -145,17 +145,21 @@ def train(
         # train.epochs 0 (adapt.method: adabn): validate the adapted model, train nothing
         result = trainer.fit(start) if cfg.train.epochs > 0 else trainer.validate_only()
     except BaseException as err:
-        if tracker is not None:
+        if tracker is not None:  # the run's own error wins over a tracking one
             stopped = isinstance(err, Interrupted | KeyboardInterrupt)
-            tracker.finish(None, "KILLED" if stopped else "FAILED")
+            status = getattr(err, "tracking_status", "KILLED" if stopped else "FAILED")
+            try:
+                tracker.finish(None, status)
+            except Exception as tracking_err:  # noqa: BLE001
+                reporter.print(f"warning     {tracking_err}")
         raise
     if not ddp.is_main:
         return None
     keep = cfg.train.keep_checkpoint is not False  # default: kept (sweeps set false)
-    run.finish_checkpoints(keep)
     summary = write_summary(
         run, exp, mode, result, "finished", {**(summary_extra or {}), "checkpoint_kept": keep}
     )
+    run.finish_checkpoints(keep)  # after the summary says finished: never a running run without
     if tracker is not None:
         tracker.finish(summary)
     reporter.print(
@@ -192,15 +196,22 @@ def check_resumable(run: RunDir, exp: Experiment) -> None:
     saved_file = run.file(CONFIG)
     if not saved_file.is_file():
         raise ConfigError("--resume", f"{run.path} is not a tlkd run directory (no {CONFIG})")
-    # a key the run's config lacks (added to tlkd since) counts as its default
-    defaults = flatten(resolved_dict(Config()))
-    saved = {**defaults, **flatten(safe_yaml.safe_load(saved_file.read_text()))}
+    raw = safe_yaml.safe_load(saved_file.read_text())
+    saved = flatten(raw)
+    try:  # a key the run's config lacks (added to tlkd since) counts as its default
+        saved = {**flatten(resolved_dict(validate(raw))), **saved}
+    except ConfigError:
+        saved = {**flatten(resolved_dict(Config())), **saved}
     now = flatten(saved_config(exp))
+    # what may change on resume: the epochs, where files go, tracking, checkpoint keeping
     ignored = {"train.epochs", "output_dir", "experiment", "data.cache_dir"}
+    ignored |= {"train.keep_checkpoint"}
     differ = sorted(
         k
         for k in saved.keys() | now.keys()
-        if k not in ignored and not k.startswith("resolved.") and saved.get(k) != now.get(k)
+        if k not in ignored
+        and not k.startswith(("resolved.", "tracking."))
+        and saved.get(k) != now.get(k)
     )
     if differ:
         shown = ", ".join(differ[:6]) + (", ..." if len(differ) > 6 else "")

@@ -24,7 +24,7 @@ from tlkd.config import safe_yaml
 from tlkd.config.loader import load_config
 from tlkd.config.schema import Config
 from tlkd.engine.progress import Reporter
-from tlkd.errors import ConfigError, TlkdError
+from tlkd.errors import ConfigError, TlkdError, is_stop
 from tlkd.recipes.compare import over_seeds
 from tlkd.recipes.modes import mode_of, recipe
 from tlkd.run.rundir import SUMMARY, write_json, write_text
@@ -130,6 +130,8 @@ def sweep(
                     _set_aside(run_dir)
                 run_recipe(cfg, reporter=reporter, resume=resume)
             except TlkdError as err:
+                if is_stop(err):  # Ctrl-C / SIGTERM stop the sweep, with their exit code
+                    raise
                 failed += 1
                 reporter.print(f"[{i}/{len(plans)}] {name} failed: {err}")
         rows.append(_row(run_dir, name, combo))

@@ -15,6 +15,7 @@ import csv
 import io
 import json
 import math
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,10 +27,10 @@ from tlkd.config import safe_yaml
 from tlkd.config.loader import load_config
 from tlkd.config.schema import Config
 from tlkd.engine.progress import Reporter
-from tlkd.errors import ConfigError, TlkdError
+from tlkd.errors import ConfigError, TlkdError, is_stop
 from tlkd.recipes.modes import mode_of, recipe
 from tlkd.recipes.runner import EPOCH_HOOKS
-from tlkd.run.rundir import CONFIG, SUMMARY, write_json, write_text
+from tlkd.run.rundir import CONFIG, SUMMARY, RunDir, write_json, write_text
 
 TUNE_DB = "optuna.db"
 OVER_BUDGET = "over budget: closed unrun"
@@ -37,6 +38,12 @@ OVER_BUDGET = "over budget: closed unrun"
 
 class Pruned(TlkdError):
     """Optuna's pruner stopped this trial after an epoch."""
+
+    tracking_status = "KILLED"  # MLflow has no "pruned": a run stopped on purpose
+
+
+# numbers every run's summary.json holds (a mode may add more: any number there works)
+METRICS = ("best_val_top1", "final_val_top1", "final_val_top5", "wall_time_s", "peak_rss_mb")
 
 
 def _require_optuna() -> Any:
@@ -118,7 +125,7 @@ def tune(
     if base.tracking.mlflow is not False and base.tracking.experiment is None:
         fixed.append(f"tracking.experiment={base.experiment}")
     reporter = reporter or Reporter(base.train.log_every)
-    _check(config, overrides, fixed, t.space, reporter)
+    _check(config, overrides, fixed, t.space, t.metric)
     root.mkdir(parents=True, exist_ok=True)
     url = storage or f"sqlite:///{root / TUNE_DB}"
     sampler = (
@@ -127,17 +134,25 @@ def tune(
         else optuna.samplers.TPESampler(seed=base.seed)
     )
     pruner = optuna.pruners.MedianPruner() if t.pruner == "median" else optuna.pruners.NopPruner()
-    try:
-        study = optuna.create_study(
-            storage=url,
-            study_name=name,
-            direction=t.direction,
-            sampler=sampler,
-            pruner=pruner,
-            load_if_exists=True,
-        )
-    except Exception as err:  # noqa: BLE001 - storage errors come from SQLAlchemy, drivers, ...
-        raise TlkdError(f"--storage: cannot open the Optuna study at {url}: {err}") from None
+    study = None
+    for attempt in range(2):  # workers starting at once on a new storage race to create it
+        try:
+            study = optuna.create_study(
+                storage=url,
+                study_name=name,
+                direction=t.direction,
+                sampler=sampler,
+                pruner=pruner,
+                load_if_exists=True,
+            )
+            break
+        except Exception as err:  # noqa: BLE001 - storage errors come from SQLAlchemy, drivers
+            if attempt:
+                raise TlkdError(
+                    f"--storage: cannot open the Optuna study at {url}: {_first_line(err)}"
+                ) from None
+            time.sleep(1.0)
+    assert study is not None
     reporter.print(
         f"tune        study {name!r} at {url}: {budget} trials, {t.direction} {t.metric}"
     )
@@ -149,30 +164,40 @@ def tune(
             trial.set_user_attr("tlkd", OVER_BUDGET)
             study.tell(trial, state=TrialState.FAIL)
             break
-        params = _suggest(trial, t.space)
-        run_name = f"trial-{trial.number:04d}"
-        shown = ", ".join(_override(k, v) for k, v in params.items())
-        reporter.print(f"[trial {trial.number + 1}/{budget}] {run_name}: {shown}")
-        trial.set_user_attr("run_dir", str(root / run_name))
-        ran += 1
+        tag = f"[trial {trial.number + 1}/{budget}]"
+        where: dict[str, Path] = {}  # the trial's run directory, once it exists
         try:
+            try:
+                params = _suggest(trial, t.space)
+            except ValueError as err:  # Optuna: the space differs from the stored study's
+                raise ConfigError(
+                    "tune.space", f"does not fit study {name!r} ({err}); name another --study"
+                ) from None
+            run_name = f"trial-{trial.number:04d}"
+            shown = ", ".join(_override(k, v) for k, v in params.items())
+            reporter.print(f"{tag} {run_name}: {shown}")
+            ran += 1
             value = _run_trial(
-                config, [*overrides, *fixed, f"experiment={run_name}"], params, trial, t.metric
+                config,
+                [*overrides, *fixed, f"experiment={run_name}"],
+                params,
+                trial,
+                t,
+                where,
             )
         except Pruned as err:
-            _mark(root / run_name, "pruned")
-            reporter.print(f"[trial {trial.number + 1}/{budget}] pruned: {err}")
-            study.tell(trial, state=TrialState.PRUNED)
+            _pruned(where.get("run"))
+            reporter.print(f"{tag} pruned: {err}")
+            _close(study, trial, where, state=TrialState.PRUNED)
             continue
-        except TlkdError as err:
+        except BaseException as err:
+            _close(study, trial, where, state=TrialState.FAIL)
+            if isinstance(err, ConfigError) or is_stop(err) or not isinstance(err, TlkdError):
+                raise  # a space that cannot run, Ctrl-C/SIGTERM, a bug: the search stops
             failed += 1
-            reporter.print(f"[trial {trial.number + 1}/{budget}] failed: {err}")
-            study.tell(trial, state=TrialState.FAIL)
+            reporter.print(f"{tag} failed: {err}")
             continue
-        except BaseException:
-            study.tell(trial, state=TrialState.FAIL)
-            raise
-        study.tell(trial, value)
+        _close(study, trial, where, values=value)
     result = _write_results(study, root, config, t.metric, reporter)
     result["ran_here"] = ran
     if failed:
@@ -185,10 +210,19 @@ def _check(
     overrides: list[str],
     fixed: list[str],
     space: dict[str, Any],
-    reporter: Reporter,
+    metric: str,
 ) -> None:
-    """Before any trial: every key of the space with each of its values or bounds makes a
-    valid config, and a quiet dry run of the first trial's config passes."""
+    """Before any trial: the metric is one a run reports, every key of the space with each
+    of its values or bounds makes a valid config, and a quiet dry run of the first trial's
+    config passes."""
+    if metric not in METRICS:
+        from tlkd.config.suggest import did_you_mean
+
+        raise ConfigError(
+            "tune.metric",
+            f"{metric!r} is not a number runs report{did_you_mean(metric, list(METRICS))}; "
+            f"one of {', '.join(METRICS)}",
+        )
     first: dict[str, Any] = {}
     for corner in _corners(space):
         ((key, value),) = corner.items()
@@ -205,34 +239,63 @@ def _check(
 
 
 def _run_trial(
-    config: str | Path, overrides: list[str], params: dict[str, Any], trial: Any, metric: str
+    config: str | Path,
+    overrides: list[str],
+    params: dict[str, Any],
+    trial: Any,
+    t: Any,
+    where: dict[str, Path],
 ) -> float:
+    """Run one trial; ``where["run"]`` is set to its run directory once it exists."""
+    metric = t.metric
     cfg: Config = load_config(config, [*overrides, *(_override(k, v) for k, v in params.items())])
 
-    def report(row: dict[str, Any]) -> None:
+    def report(run: Path, row: dict[str, Any]) -> None:
+        where["run"] = run
         value = _epoch_value(metric, row)
         if value is None:
             return
         trial.report(value, int(row["epoch"]))
         if trial.should_prune():
-            raise Pruned(f"epoch {row['epoch']}: {value:.4g} is below the median of earlier trials")
+            worse = "below" if t.direction == "maximize" else "above"
+            raise Pruned(
+                f"epoch {row['epoch']}: {value:.4g} is {worse} the median of earlier trials"
+            )
 
     token = EPOCH_HOOKS.set((*EPOCH_HOOKS.get(), report))
     try:
         summary = recipe(mode_of(cfg))(cfg, reporter=Reporter(cfg.train.log_every, quiet=True))
     finally:
         EPOCH_HOOKS.reset(token)
+    if summary:
+        where["run"] = Path(summary["run_dir"])
     value = (summary or {}).get(metric)
     if not isinstance(value, int | float) or not math.isfinite(value):
         raise TlkdError(f"the trial's summary.json has no number {metric!r}")
     return float(value)
 
 
-def _mark(run_dir: Path, status: str) -> None:
+def _close(study: Any, trial: Any, where: dict[str, Path], **tell: Any) -> None:
+    """Record the trial's run directory (once it exists), then tell Optuna how it ended."""
+    if "run" in where:
+        trial.set_user_attr("run_dir", str(where["run"]))
+    study.tell(trial, **tell)
+
+
+def _pruned(run_dir: Path | None) -> None:
+    """A pruned trial's run: status ``pruned``, and like a finished trial no checkpoints."""
+    if run_dir is None:
+        return
     with contextlib.suppress(OSError, ValueError):
         summary = json.loads((run_dir / SUMMARY).read_text())
-        summary["status"] = status
+        summary["status"] = "pruned"
         write_json(run_dir / SUMMARY, summary)
+    RunDir(run_dir).finish_checkpoints(keep=False)
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
 
 
 def _write_results(

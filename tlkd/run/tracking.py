@@ -87,6 +87,9 @@ class Tracker:
         lines saying where the run is tracked."""
         lines = []
         t = self.cfg.tracking
+        # a resume from an older checkpoint (checkpoint.prev.pt) retrains epochs logged before
+        logged = int(self.state.get("logged_epoch", -1))
+        self.state["logged_epoch"] = min(logged, first_epoch - 1)
         if t.mlflow is not False:
             lines.append(self._start_mlflow(config))
         if t.tensorboard:
