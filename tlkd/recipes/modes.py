@@ -15,8 +15,10 @@ if TYPE_CHECKING:  # the CLI reads MODES at start-up: import nothing heavy here
 MODES: dict[str, str] = {
     "finetune": "Fine-tune a timm model (transfer learning) as the experiment file says.",
     "distill": "Distil one or more frozen teachers into the student the experiment file names.",
-    "adapt": "Adapt a model to an unlabelled target domain (AdaBN, pseudo-labels or DANN).",
-    "pretrain": "Self-supervised pretraining (SimCLR) of a backbone on unlabelled images.",
+    "adapt": "Adapt a model to an unlabelled target domain (AdaBN, pseudo-labels, DANN, MCC, "
+    "CDAN; source-free SHOT and Tent).",
+    "pretrain": "Self-supervised pretraining (SimCLR, BYOL, SimSiam) of a backbone on "
+    "unlabelled images.",
 }
 
 
