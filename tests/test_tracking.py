@@ -82,3 +82,18 @@ def test_tracking_config_errors(tmp_path, tiny_config, run_cli, monkeypatch):
     line = error_line(proc)
     assert "tracking.mlflow" in line and "pip install 'tlkd[tracking]'" in line
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_tracking_failure_mid_run_is_a_warning(tmp_path, tiny_config, run_cli, monkeypatch):
+    from tlkd.errors import TlkdError
+    from tlkd.run.tracking import Tracker
+
+    def down(self, history):
+        raise TlkdError("tracking.mlflow: cannot log metrics: server down")
+
+    monkeypatch.setattr(Tracker, "epochs", down)
+    proc = run_cli("finetune", tiny_config(tracking={"tensorboard": True}), "train.epochs=1")
+    assert proc.returncode == 0, proc.stderr
+    assert "warning     tracking.mlflow: cannot log metrics: server down" in proc.stdout
+    summary = json.loads((tmp_path / "runs" / "tiny" / "summary.json").read_text())
+    assert summary["status"] == "finished"

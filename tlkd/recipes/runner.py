@@ -20,7 +20,7 @@ from tlkd.engine.objectives import Objective
 from tlkd.engine.optim import build_optimizer, build_scheduler
 from tlkd.engine.progress import Reporter
 from tlkd.engine.trainer import FitResult, Interrupted, Trainer
-from tlkd.errors import ConfigError
+from tlkd.errors import ConfigError, TlkdError
 from tlkd.models.freeze import Freezer
 from tlkd.recipes.build import Experiment
 from tlkd.recipes.summary import plan_lines, write_summary
@@ -108,7 +108,10 @@ def train(
     def epoch_end(result: FitResult) -> None:
         write_summary_(run, exp, mode, result, "running", summary_extra)
         if tracker is not None:
-            tracker.epochs(result.history)
+            try:  # a tracking server's hiccup costs its log, not the run
+                tracker.epochs(result.history)
+            except TlkdError as err:
+                reporter.print(f"warning     {err}; training goes on")
         for hook in EPOCH_HOOKS.get():  # main process only: under torchrun, must not raise
             hook(run.path, result.history[-1])
 
@@ -137,10 +140,16 @@ def train(
     if resume is not None:
         start = trainer.restore(state)
         reporter.print(f"resume      {note}: epoch {start} of {cfg.train.epochs}")
+    failed: TlkdError | None = None
     if tracker is not None:
-        for line in tracker.start(saved_config(exp), start):
-            reporter.print(line)
-        tracker.epochs(trainer.result.history)  # a resume: epochs its last start did not log
+        try:
+            for line in tracker.start(saved_config(exp), start):
+                reporter.print(line)
+            tracker.epochs(trainer.result.history)  # a resume: epochs its last start missed
+        except TlkdError as err:
+            failed = err
+    if distributed.any_rank(failed is not None):  # every process stops, not rank 0 alone
+        raise failed or TlkdError("tracking could not start on the main process")
     try:
         # train.epochs 0 (adapt.method: adabn): validate the adapted model, train nothing
         result = trainer.fit(start) if cfg.train.epochs > 0 else trainer.validate_only()
