@@ -34,3 +34,10 @@ STOP_EXIT_CODES = (130, 143)  # a run stopped by SIGINT / SIGTERM (tlkd.engine.t
 def is_stop(err: BaseException) -> bool:
     """Whether ``err`` is a stop signal's (Ctrl-C, SIGTERM): loops over runs end there."""
     return isinstance(err, KeyboardInterrupt) or getattr(err, "exit_code", None) in STOP_EXIT_CODES
+
+
+def first_line(err: BaseException, limit: int = 300) -> str:
+    """A third-party exception's first line (onnxruntime, MLflow, SQLAlchemy print pages),
+    for a one-line error message."""
+    lines = str(err).strip().splitlines()
+    return (lines[0] if lines else type(err).__name__)[:limit]

@@ -94,8 +94,7 @@ def export(
         from tlkd.recipes.predict import Preprocess
         from tlkd.recipes.quantize import quantize_int8
 
-        pre = report["preprocess"]
-        preprocess = Preprocess(**{**pre, "mean": tuple(pre["mean"]), "std": tuple(pre["std"])})
+        preprocess = Preprocess.from_dict(report["preprocess"])
         int8 = quantize_int8(out, cfg, preprocess, calibration, max_drop)
         report["int8"] = int8
         if int8["kept"]:  # its own sidecar: tlkd predict model.int8.onnx reads it

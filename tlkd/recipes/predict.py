@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from tlkd.engine.progress import Reporter
-from tlkd.errors import ConfigError, TlkdError
+from tlkd.errors import ConfigError, TlkdError, first_line
 from tlkd.run.rundir import CONFIG, WEIGHTS, write_error, write_text
 
 OUT_FORMATS = (".csv", ".jsonl")
@@ -35,6 +35,11 @@ class Preprocess:
     interpolation: str
     mean: tuple[float, ...]
     std: tuple[float, ...]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Preprocess:
+        """From the ``preprocess`` entry export records (see export.preprocess_of)."""
+        return cls(**{**data, "mean": tuple(data["mean"]), "std": tuple(data["std"])})
 
     def transform(self) -> Callable:
         """timm's eval transform (resize, centre crop) to a uint8 tensor: the one evaluate
@@ -68,22 +73,13 @@ class Predictor:
 
 def run_predictor(run: Path) -> Predictor:
     """A run directory's best model, on the device its config asks for (fp32)."""
-    from timm.data import resolve_model_data_config
-
     from tlkd.engine.device import resolve_device
-    from tlkd.recipes.export import load_run_model
+    from tlkd.recipes.export import load_run_model, preprocess_of
 
     model, cfg, classes = load_run_model(run)
+    preprocess = Preprocess.from_dict(preprocess_of(model, cfg))
     device = resolve_device(cfg.train.device)
     model = model.to(device)
-    data_cfg = resolve_model_data_config(model)
-    preprocess = Preprocess(
-        image_size=int(cfg.data.image_size),
-        crop_pct=float(cfg.data.crop_pct),
-        interpolation=str(cfg.data.interpolation),
-        mean=tuple(float(v) for v in data_cfg["mean"]),
-        std=tuple(float(v) for v in data_cfg["std"]),
-    )
 
     @torch.inference_mode()
     def forward(x: torch.Tensor) -> torch.Tensor:
@@ -98,8 +94,7 @@ def onnx_predictor(path: Path) -> Predictor:
     meta_file = path.with_suffix(path.suffix + ".json")
     try:
         meta = json.loads(meta_file.read_text())
-        preprocess = Preprocess(**{**meta["preprocess"], "mean": tuple(meta["preprocess"]["mean"]),
-                                   "std": tuple(meta["preprocess"]["std"])})  # fmt: skip
+        preprocess = Preprocess.from_dict(meta["preprocess"])
         classes = list(meta["classes"])
     except (OSError, ValueError, KeyError, TypeError):
         raise ConfigError(
@@ -116,22 +111,17 @@ def onnx_predictor(path: Path) -> Predictor:
     try:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as err:  # noqa: BLE001 - onnxruntime's errors for a file it cannot load
-        raise ConfigError(None, f"onnxruntime cannot load {path.name}: {_line(err)}") from None
+        raise ConfigError(None, f"onnxruntime cannot load {path.name}: {first_line(err)}") from None
     name = session.get_inputs()[0].name
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         try:
             out = session.run(None, {name: x.numpy()})[0]
         except Exception as err:  # noqa: BLE001 - e.g. a model exported for a fixed batch
-            raise TlkdError(f"onnxruntime failed on {path.name}: {_line(err)}") from None
+            raise TlkdError(f"onnxruntime failed on {path.name}: {first_line(err)}") from None
         return torch.from_numpy(np.asarray(out)).float()
 
     return Predictor(forward, classes, preprocess, str(path), {"device": "cpu (onnxruntime)"})
-
-
-def _line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return (lines[0] if lines else type(err).__name__)[:300]
 
 
 def collect_images(inputs: Sequence[str]) -> list[Path]:

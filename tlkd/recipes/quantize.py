@@ -17,7 +17,7 @@ import torch
 
 from tlkd.config.schema import Config
 from tlkd.data.datasets import LabeledImages, build_splits
-from tlkd.errors import ConfigError, TlkdError
+from tlkd.errors import ConfigError, TlkdError, first_line
 from tlkd.recipes.predict import Preprocess
 
 INT8_SUFFIX = ".int8.onnx"
@@ -136,10 +136,7 @@ def quantize_int8(
     except Exception as err:  # noqa: BLE001 - onnx/onnxruntime raise many kinds
         with contextlib.suppress(OSError):
             out.unlink()
-        lines = str(err).strip().splitlines()
-        raise TlkdError(
-            f"int8 quantization failed: {lines[0] if lines else type(err).__name__}"
-        ) from None
+        raise TlkdError(f"int8 quantization failed: {first_line(err)}") from None
     finally:
         with contextlib.suppress(OSError):
             prepared.unlink()

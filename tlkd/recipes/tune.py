@@ -27,7 +27,7 @@ from tlkd.config import safe_yaml
 from tlkd.config.loader import load_config
 from tlkd.config.schema import Config
 from tlkd.engine.progress import Reporter
-from tlkd.errors import ConfigError, TlkdError, is_stop
+from tlkd.errors import ConfigError, TlkdError, first_line, is_stop
 from tlkd.recipes.modes import mode_of, recipe
 from tlkd.recipes.runner import EPOCH_HOOKS
 from tlkd.run.rundir import CONFIG, SUMMARY, RunDir, write_json, write_text
@@ -149,7 +149,7 @@ def tune(
         except Exception as err:  # noqa: BLE001 - storage errors come from SQLAlchemy, drivers
             if attempt:
                 raise TlkdError(
-                    f"--storage: cannot open the Optuna study at {url}: {_first_line(err)}"
+                    f"--storage: cannot open the Optuna study at {url}: {first_line(err)}"
                 ) from None
             time.sleep(1.0)
     assert study is not None
@@ -291,11 +291,6 @@ def _pruned(run_dir: Path | None) -> None:
         summary["status"] = "pruned"
         write_json(run_dir / SUMMARY, summary)
     RunDir(run_dir).finish_checkpoints(keep=False)
-
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
 
 
 def _write_results(

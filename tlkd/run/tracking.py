@@ -16,7 +16,7 @@ from typing import Any
 
 from tlkd.config.loader import flatten
 from tlkd.config.schema import Config
-from tlkd.errors import ConfigError, TlkdError
+from tlkd.errors import ConfigError, TlkdError, first_line
 from tlkd.run.rundir import RunDir, write_json
 
 STATE = "tracking.json"
@@ -126,7 +126,7 @@ class Tracker:
                 for i in range(0, len(params), _BATCH_PARAMS):
                     self.client.log_batch(self.run_id, params=params[i : i + _BATCH_PARAMS])
         except Exception as err:  # noqa: BLE001 - MLflow raises many kinds (HTTP, SQL, ...)
-            raise TlkdError(f"tracking.mlflow: cannot log to {uri}: {_reason(err)}") from None
+            raise TlkdError(f"tracking.mlflow: cannot log to {uri}: {first_line(err)}") from None
         self.state.update(mlflow_uri=uri, mlflow_run_id=self.run_id)
         self._save_state()
         return f"tracking    mlflow: run {self.run_id} at {uri}"
@@ -170,7 +170,7 @@ class Tracker:
                 for i in range(0, len(metrics), _BATCH_METRICS):
                     self.client.log_batch(self.run_id, metrics=metrics[i : i + _BATCH_METRICS])
             except Exception as err:  # noqa: BLE001
-                raise TlkdError(f"tracking.mlflow: cannot log metrics: {_reason(err)}") from None
+                raise TlkdError(f"tracking.mlflow: cannot log metrics: {first_line(err)}") from None
         if self.writer is not None:
             for r in rows:
                 for k, v in _numbers(r).items():
@@ -188,7 +188,9 @@ class Tracker:
                     self._artifacts(summary)
                 self.client.set_terminated(self.run_id, status=status)
             except Exception as err:  # noqa: BLE001
-                raise TlkdError(f"tracking.mlflow: cannot finish the run: {_reason(err)}") from None
+                raise TlkdError(
+                    f"tracking.mlflow: cannot finish the run: {first_line(err)}"
+                ) from None
         if self.writer is not None:
             self.writer.close()
 
@@ -213,8 +215,3 @@ def _yaml(config: dict[str, Any]) -> str:
     import yaml
 
     return yaml.safe_dump(config, sort_keys=False).rstrip()
-
-
-def _reason(err: Exception) -> str:
-    text = str(err).strip().splitlines()
-    return (text[0] if text else type(err).__name__)[:300]
