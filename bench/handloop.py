@@ -3,6 +3,7 @@
     python -m bench.handloop train-files --train DIR --model resnet20 --batch-size 128
     python -m bench.handloop train-fixed --model resnet20 --batch-size 128 --steps 40
     python -m bench.handloop eval-files --val DIR --model resnet20 --batch-size 128
+    python -m bench.handloop kd-files --train DIR --teacher resnet56 --teacher-weights F
 
 Prints one JSON line. train-files: torchvision ImageFolder with the transform tlkd builds
 (timm's random resized crop at scale 0.7-1, flip, normalise), DataLoader workers, AdamW; the time
@@ -10,6 +11,9 @@ runs from creating the iterator to the last optimizer step, as tlkd's train_img_
 train-fixed: one batch already in memory, trained on repeatedly: the compute ceiling
 (--compile: torch.compile'd; warmup_s holds the compilation).
 eval-files: an inference_mode loop over the val folder (resize/crop, normalise).
+kd-files: the hand-written distillation loop: train-files' data and student, the teacher run
+under inference_mode on the same batch, loss 0.9 KD (T=4, Hinton's T^2 scaling) + 0.1 CE.
+--size: the input size (train-fixed's random batch; train-files' crop).
 --uint8 (train-files, eval-files): the workers hand over uint8 images (timm's transforms with
 use_prefetcher=True) and the loop normalises whole batches, the data path tlkd's loader workers
 use; without it, the usual per-image ToTensor + Normalize in the workers.
@@ -30,9 +34,9 @@ from torchvision import datasets
 import tlkd.models.cifar  # noqa: F401  registers resnet20/56 in timm
 
 
-def _model(args) -> torch.nn.Module:
+def _model(args, name: str | None = None) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = timm.create_model(args.model, num_classes=10)
+    model = timm.create_model(name or args.model, num_classes=10)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
@@ -68,7 +72,7 @@ def _step(model, opt, x, y, args) -> None:
 def train_files(args) -> dict:
     # the transform tlkd builds for this config, made the way a timm user would
     tf = create_transform(
-        32, is_training=True, scale=(0.7, 1.0), hflip=0.5, color_jitter=None,
+        args.size, is_training=True, scale=(0.7, 1.0), hflip=0.5, color_jitter=None,
         use_prefetcher=args.uint8,
     )  # fmt: skip
     norm = _BatchNormalize(args)
@@ -91,7 +95,7 @@ def train_fixed(args) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     if args.compile:
         model = torch.compile(model)
-    x = torch.randn(args.batch_size, 3, 32, 32)
+    x = torch.randn(args.batch_size, 3, args.size, args.size)
     y = torch.randint(0, 10, (args.batch_size,))
     t0 = time.perf_counter()
     for _ in range(2):  # warm-up (and compilation), not in img_s
@@ -102,6 +106,40 @@ def train_fixed(args) -> dict:
         _step(model, opt, x, y, args)
     seen = args.steps * args.batch_size
     return {"img_s": seen / (time.perf_counter() - t0), "images": seen, "warmup_s": warmup_s}
+
+
+def kd_files(args) -> dict:
+    from safetensors.torch import load_file
+
+    tf = create_transform(
+        args.size, is_training=True, scale=(0.7, 1.0), hflip=0.5, color_jitter=None,
+        use_prefetcher=args.uint8,
+    )  # fmt: skip
+    norm = _BatchNormalize(args)
+    ds = datasets.ImageFolder(args.train, tf)
+    loader = torch.utils.data.DataLoader(
+        ds, args.batch_size, shuffle=True, num_workers=args.workers, drop_last=True
+    )
+    teacher = _model(args, args.teacher).eval()
+    if args.teacher_weights:
+        teacher.load_state_dict(load_file(args.teacher_weights))
+    student = _model(args).train()
+    opt = torch.optim.AdamW(student.parameters(), lr=2e-3, weight_decay=0.05)
+    T = 4.0
+    seen = 0
+    t0 = time.perf_counter()
+    for x, y in loader:
+        x = norm(x)
+        with torch.inference_mode():
+            soft = F.softmax(teacher(x) / T, dim=1)
+        logits = student(x)
+        kd = F.kl_div(F.log_softmax(logits / T, dim=1), soft, reduction="batchmean") * T * T
+        loss = 0.9 * kd + 0.1 * F.cross_entropy(logits, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        seen += len(y)
+    return {"img_s": seen / (time.perf_counter() - t0), "images": seen}
 
 
 @torch.inference_mode()
@@ -126,7 +164,7 @@ def eval_files(args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["train-files", "train-fixed", "eval-files"])
+    p.add_argument("mode", choices=["train-files", "train-fixed", "eval-files", "kd-files"])
     p.add_argument("--train")
     p.add_argument("--val")
     p.add_argument("--model", default="resnet20")
@@ -137,8 +175,16 @@ def main() -> None:
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--uint8", action="store_true")
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--teacher", default="resnet56")
+    p.add_argument("--teacher-weights")
     args = p.parse_args()
-    run = {"train-files": train_files, "train-fixed": train_fixed, "eval-files": eval_files}
+    run = {
+        "train-files": train_files,
+        "train-fixed": train_fixed,
+        "eval-files": eval_files,
+        "kd-files": kd_files,
+    }
     print(json.dumps(run[args.mode](args)))
 
 

@@ -141,3 +141,40 @@ def test_runs_choose_the_data_path_and_say_why(tmp_path, squares, write_config, 
     assert error_line(proc).startswith("error: data.in_memory: cannot hold the data in memory")
     saved = yaml.safe_load((tmp_path / "runs" / "aa" / "config.yaml").read_text())
     assert saved["data"]["in_memory"] == "auto"
+
+
+def test_data_over_the_memory_budget_are_memory_mapped_and_train_the_same(
+    tmp_path, squares, write_config, run_cli, monkeypatch
+):
+    """Over the budget, the decoded images live in the cache folder as a memory-mapped file
+    (never read whole into memory) and the run learns exactly what the in-memory run learns."""
+    from safetensors.torch import load_file
+
+    train, val = squares
+    cfg = small_config(tmp_path, train, val, train={"epochs": 2})
+    cfg["data"]["cache_dir"] = str(tmp_path / "cache")
+    assert run_cli("finetune", write_config(cfg, "ram.yaml"), "experiment=ram").returncode == 0
+    # a fresh cache folder: the mapped run decodes again, straight into its file
+    cfg["data"]["cache_dir"] = str(tmp_path / "cache2")
+    monkeypatch.setattr(memory, "available_memory", lambda: 1000)  # bytes: nothing fits
+    loaded = []
+    real_load = np.load
+    monkeypatch.setattr(
+        np, "load", lambda *a, **k: loaded.append(k.get("mmap_mode")) or real_load(*a, **k)
+    )
+    proc = run_cli("finetune", write_config(cfg, "mapped.yaml"), "experiment=mapped")
+    assert proc.returncode == 0, proc.stderr
+    assert "to a memory-mapped file" in proc.stdout + proc.stderr
+    summary = json.loads((tmp_path / "runs" / "mapped" / "summary.json").read_text())
+    assert summary["data_path"].startswith("memory-mapped from the cache folder")
+    assert loaded == ["c", "c"]  # train and val, each mapped from its file
+    assert len(list((tmp_path / "cache2" / "images").glob("*.npy"))) == 2
+    a = load_file(tmp_path / "runs" / "ram" / "model.safetensors")
+    b = load_file(tmp_path / "runs" / "mapped" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # no cache folder to map from: the loader workers, saying why
+    monkeypatch.setattr(memory, "usable_cache_dir", lambda configured: None)
+    proc = run_cli("finetune", write_config(cfg, "nocache.yaml"), "experiment=nocache")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((tmp_path / "runs" / "nocache" / "summary.json").read_text())
+    assert "workers" in summary["data_path"] and "cannot be memory-mapped" in summary["data_path"]

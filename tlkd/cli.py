@@ -55,6 +55,9 @@ def _train_command(
     def run() -> None:
         from pathlib import Path
 
+        from tlkd.run import startup
+
+        clock = startup.begin()  # the run's start-up cost, by phase (summary.json startup_s)
         from tlkd.config import load_config
         from tlkd.errors import ConfigError
 
@@ -71,16 +74,18 @@ def _train_command(
             config_ = str(run_dir / "config.yaml")
             if not Path(config_).is_file():
                 raise ConfigError("--resume", f"{run_dir} is not a tlkd run directory")
-        cfg = load_config(config_, overrides_)  # a config error exits here, before torch loads
+        with clock.phase("config"):  # a config error exits here, before torch loads
+            cfg = load_config(config_, overrides_)
         from tlkd.run.card import COMMAND, command_line
 
         again = ["--resume", resume] if resume else []
         COMMAND.set(command_line(mode, config, *(overrides or []), *again))
-        from tlkd.engine import distributed
-        from tlkd.engine.progress import Reporter
-        from tlkd.recipes.modes import recipe as recipe_of
+        with clock.phase("imports"):  # torch, timm and the recipe
+            from tlkd.engine import distributed
+            from tlkd.engine.progress import Reporter
+            from tlkd.recipes.modes import recipe as recipe_of
 
-        recipe = recipe_of(mode)
+            recipe = recipe_of(mode)
         ddp = distributed.init_from_env(cfg.train.device)  # torchrun: join the process group
         try:
             reporter = Reporter(cfg.train.log_every, quiet=quiet or not ddp.is_main)

@@ -168,6 +168,9 @@ class DataConfig(Section):
     in_memory: bool | Literal["auto"] = "auto"
     cache_dir: Path | None = None  # default: $TLKD_CACHE_DIR or ~/.cache/tlkd
     skip_bad_images: bool = False  # decode every file first; leave out (and count) bad ones
+    # loader-worker path: decode JPEGs at 1/2, 1/4 or 1/8 scale where the smaller image still
+    # holds every pixel the transforms sample (tlkd/data/decode.py); false: full decodes
+    jpeg_draft: bool = True
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
     @field_validator("dataset")
@@ -248,6 +251,9 @@ class TrainConfig(Section):
     # auto: bf16 (or fp16) on cuda; on cpu the faster of fp32 and bf16, timed at the start
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool | Literal["auto"] = "auto"  # auto: on for cuda; timed on cpu
+    # torch.compile the model's training forward (validation stays eager). auto: on only where
+    # the run is long enough to pay back the compilation (tlkd/engine/tune.py: compile_rule)
+    compile: bool | Literal["auto"] = "auto"
     sync_bn: bool = False  # torchrun on GPUs: SyncBatchNorm across processes
     deterministic: bool = False  # torch.use_deterministic_algorithms
     log_every: PositiveInt = 50  # steps between plain log lines (when not on a terminal)

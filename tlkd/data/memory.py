@@ -89,6 +89,18 @@ def available_memory() -> int:
         return 4 << 30
 
 
+def free_disk(folder: Path) -> int:
+    """Bytes free on the disk holding ``folder`` (or its nearest existing parent)."""
+    import shutil
+
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return 0
+
+
 def estimate_bytes(ds: LabeledImages, pil_tf: Callable | None) -> int:
     """Size of ``ds`` as uint8 tensors, judged by its first image."""
     if len(ds) == 0:
@@ -138,20 +150,65 @@ def load_images(
     cache_dir: Path | None,
     workers: int,
     log: Callable[[str], None] = print,
+    mapped: bool = False,
 ) -> torch.Tensor:
     """``ds`` as one uint8 (N, 3, H, W) tensor, from ``cache_dir`` when decoded before.
     ``pil_tf`` (a deterministic PIL transform, e.g. the eval resize/crop) runs before storing.
-    Raises NotUniform when the images differ in size."""
+    ``mapped``: the tensor is the cache file memory-mapped (copy-on-write), not read into
+    memory, and decoding writes straight into that file: data larger than the memory budget
+    (needs a usable ``cache_dir``). Raises NotUniform when the images differ in size."""
     key = _file_key(ds, tag)
     path = cache_dir / "images" / f"{key}.npy" if key and cache_dir is not None else None
+    if mapped and path is None:
+        raise ValueError("a memory-mapped dataset needs a file-backed dataset and a cache folder")
     if path is not None and path.exists():
         try:
-            return torch.from_numpy(np.load(path, allow_pickle=False))
+            return _read(path, mapped)
         except (OSError, ValueError):  # torn or foreign file: decode again
             pass
     if len(ds) == 0:
         return torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
-    log(f"decoding {len(ds)} images into memory" + (f" (cache {path})" if path else ""))
+    log(
+        f"decoding {len(ds)} images {'to a memory-mapped file' if mapped else 'into memory'}"
+        + (f" (cache {path})" if path else "")
+    )
+    if not mapped:
+        out = _decode(ds, pil_tf, workers, lambda shape: np.empty(shape, np.uint8))
+        if path is not None:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                # atomic: concurrent runs never read half a file
+                with replacing(path, durable=False) as tmp, open(tmp, "wb") as f:
+                    np.save(f, out, allow_pickle=False)
+            except OSError as err:  # a full disk: the decoded images are in memory all the same
+                log(f"warning: could not cache the decoded images in {path.parent}: {err.strerror}")
+        return torch.from_numpy(out)
+    assert path is not None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with replacing(path, durable=False) as tmp:  # written in place, renamed when complete
+
+        def create(shape: tuple[int, ...]) -> np.ndarray:
+            return np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+
+        out = _decode(ds, pil_tf, workers, create)
+        out.flush()
+        del out
+    return _read(path, mapped=True)
+
+
+def _read(path: Path, mapped: bool) -> torch.Tensor:
+    # "c": copy-on-write pages, so torch gets a writable array and nothing reaches the file
+    return torch.from_numpy(np.load(path, mmap_mode="c" if mapped else None, allow_pickle=False))
+
+
+def _decode(
+    ds: LabeledImages,
+    pil_tf: Callable | None,
+    workers: int,
+    create: Callable[[tuple[int, ...]], np.ndarray],
+) -> np.ndarray:
+    """Every image of ``ds`` into one (N, 3, H, W) uint8 array made by ``create(shape)`` when
+    the first image gives the shape."""
     # its own generator: decoding (done or found in the cache) must not move the global RNG,
     # or what is initialised after it (heads of objectives, discriminators) would differ
     # between a run that decodes and one that reads the cache
@@ -166,21 +223,13 @@ def load_images(
             if arr.ndim == 2:
                 arr = np.repeat(arr[:, :, None], 3, axis=2)
             if out is None:
-                out = np.empty((len(ds), arr.shape[2], arr.shape[0], arr.shape[1]), np.uint8)
+                out = create((len(ds), arr.shape[2], arr.shape[0], arr.shape[1]))
             if arr.shape != (out.shape[2], out.shape[3], out.shape[1]):
                 raise NotUniform(f"{arr.shape[1]}x{arr.shape[0]} and {out.shape[3]}x{out.shape[2]}")
             out[pos] = arr.transpose(2, 0, 1)
             pos += 1
     assert out is not None
-    if path is not None:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # atomic: concurrent runs never read half a file
-            with replacing(path, durable=False) as tmp, open(tmp, "wb") as f:
-                np.save(f, out, allow_pickle=False)
-        except OSError as err:  # a full disk: the decoded images are in memory all the same
-            log(f"warning: could not cache the decoded images in {path.parent}: {err.strerror}")
-    return torch.from_numpy(out)
+    return out
 
 
 @dataclass
@@ -214,8 +263,8 @@ class MemoryLoader:
 
     def views(self, idx: torch.Tensor, params: torch.Tensor | None = None) -> torch.Tensor:
         """The batch ``idx`` as model input; random views unless ``params`` fixes them."""
-        x = self.images[idx]
-        if self.device.type != "cpu":
+        x = self.images[idx.to(self.images.device)]
+        if x.device != self.device:  # host images for an accelerator: one copy per batch
             x = x.pin_memory().to(self.device, non_blocking=True)
         if self.augment is None:
             return normalize(x, self.mean, self.std)
@@ -226,6 +275,21 @@ class MemoryLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for idx in self.batches():
             yield self.views(idx), self.targets[idx]
+
+
+DEVICE_FRACTION = 0.25  # of the accelerator's free memory the images may take there
+
+
+def to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``images`` moved onto ``device`` (a GPU) when they take at most DEVICE_FRACTION of its
+    free memory, so batches are gathered and augmented there with no copy per step; else as
+    they are (host memory, copied a batch at a time)."""
+    if device.type != "cuda" or images.device == device:
+        return images
+    free, _ = torch.cuda.mem_get_info(device)
+    if images.numel() * images.element_size() > DEVICE_FRACTION * free:
+        return images
+    return images.to(device)
 
 
 def pil_stage(eval_tf: Callable) -> Callable:

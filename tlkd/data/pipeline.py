@@ -13,7 +13,7 @@ from timm.data.loader import PrefetchLoader
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
 from tlkd.config.schema import Config, DataConfig
-from tlkd.data import memory
+from tlkd.data import decode, memory
 from tlkd.data.batch_aug import BatchAugment, unsupported
 from tlkd.data.catalog import SMALL_IMAGE_DATASETS
 from tlkd.data.datasets import LabeledImages, Splits
@@ -174,7 +174,10 @@ def build_loaders(
     mean, std = tuple(model_cfg["mean"]), tuple(model_cfg["std"])
     held = _in_memory(cfg, splits, eval_tf, log)
     if isinstance(held, tuple):
-        train_images, val_images = held
+        train_images, val_images, mapped = held
+        if not mapped:  # on a GPU: the images live there when they fit (no copy per batch)
+            train_images = memory.to_device(train_images, device)
+            val_images = memory.to_device(val_images, device)
         local = cfg.train.batch_size // ddp.world
         augment = BatchAugment(
             cfg.data.augment, cfg.data.image_size, mean, std, cfg.data.interpolation
@@ -188,8 +191,12 @@ def build_loaders(
             local, mean, std, device=device,
         )  # fmt: skip
         size_mb = (train_images.numel() + val_images.numel()) / 2**20
-        return Loaders(train, val, mean, std, True, f"in memory ({size_mb:.0f} MiB, uint8)")
+        where = "memory-mapped from the cache folder" if mapped else "in memory"
+        if train_images.device.type == "cuda":
+            where = f"in {train_images.device} memory"
+        return Loaders(train, val, mean, std, True, f"{where} ({size_mb:.0f} MiB, uint8)")
     workers = cfg.data.num_workers if cfg.data.num_workers is not None else default_workers()
+    train_files, val_files = _drafted(cfg.data, splits.train, True), _drafted(cfg.data, splits.val)
     common = dict(
         batch_size=cfg.train.batch_size // ddp.world,
         num_workers=workers,
@@ -200,42 +207,61 @@ def build_loaders(
     )
     train = Normalized(
         DataLoader(
-            Transformed(splits.train, train_tf), sampler=sampler, generator=generator, **common
+            Transformed(train_files, train_tf), sampler=sampler, generator=generator, **common
         ),
         mean, std, device=device, re_prob=cfg.data.augment.re_prob,
     )  # fmt: skip
-    val_set: Dataset = Transformed(splits.val, eval_tf)
+    val_set: Dataset = Transformed(val_files, eval_tf)
     if ddp.enabled:
         val_set = Subset(val_set, val_index)
     val = Normalized(DataLoader(val_set, shuffle=False, **common), mean, std, device=device)
     return Loaders(train, val, mean, std, False, f"{workers} loader workers ({held})")
 
 
+def _drafted(data: DataConfig, ds: LabeledImages, train: bool = False) -> LabeledImages:
+    """``ds`` decoding its JPEGs at a reduced scale where that loses nothing the transforms
+    sample (tlkd/data/decode.py), unless ``data.jpeg_draft`` is off."""
+    if not data.jpeg_draft:
+        return ds
+    side = decode.needed_side(data.image_size, data.crop_pct, data.augment if train else None)
+    return decode.with_draft(ds, side)
+
+
 def _in_memory(
     cfg: Config, splits: Splits, eval_tf: Callable, log: Callable[[str], None]
-) -> tuple[torch.Tensor, torch.Tensor] | str:
-    """Both splits as uint8 tensors, or why the in-memory path is not taken. With
-    ``data.in_memory: true`` a reason is an error instead."""
+) -> tuple[torch.Tensor, torch.Tensor, bool] | str:
+    """Both splits as uint8 tensors, and whether they are memory-mapped from the cache folder
+    (data over the memory budget, with room on disk); or why the in-memory path is not taken.
+    With ``data.in_memory: true`` a reason is an error instead."""
     data = cfg.data
     if data.in_memory is False:
         return "data.in_memory: false"
     pil_eval = memory.pil_stage(eval_tf)
     reason = unsupported(data.augment)
+    cache = memory.usable_cache_dir(data.cache_dir) if reason is None else None
+    mapped = False
     if reason is None:
         need = memory.estimate_bytes(splits.train, None)
         need += memory.estimate_bytes(splits.val, pil_eval)
         budget = memory.MEMORY_FRACTION * memory.available_memory()
         if need > budget:
-            reason = f"the images need {need / 2**30:.1f} GiB, over {budget / 2**30:.1f} GiB"
+            # larger than memory: decoded once into the cache folder and read from there
+            mapped = cache is not None and splits.train.path(0) is not None
+            room = memory.free_disk(cache) if mapped else 0
+            if not mapped or room < need * 1.1:
+                where = "no cache folder" if not mapped else f"{room / 2**30:.1f} GiB free on disk"
+                reason = (
+                    f"the images need {need / 2**30:.1f} GiB, over {budget / 2**30:.1f} GiB of "
+                    f"memory, and cannot be memory-mapped ({where})"
+                )
     if reason is None:
-        cache = memory.usable_cache_dir(data.cache_dir)
         workers = data.num_workers if data.num_workers is not None else default_workers()
         try:
-            train = memory.load_images(splits.train, None, "train", cache, workers, log)
+            train = memory.load_images(splits.train, None, "train", cache, workers, log, mapped)
             val = memory.load_images(
-                splits.val, pil_eval, f"eval|{pil_eval!r}", cache, workers, log
+                splits.val, pil_eval, f"eval|{pil_eval!r}", cache, workers, log, mapped
             )
-            return train, val
+            return train, val, mapped
         except memory.NotUniform as err:
             reason = f"training images differ in size ({err})"
     if data.in_memory is True:
@@ -279,6 +305,7 @@ def extra_loader(
         try:
             if train:
                 images = memory.load_images(ds, None, "train", cache, workers, log)
+                images = memory.to_device(images, device)
                 augment = BatchAugment(
                     cfg.data.augment, cfg.data.image_size, mean, std, cfg.data.interpolation
                 )
@@ -286,10 +313,12 @@ def extra_loader(
                     images, targets, sampler, local, mean, std, augment, generator, device
                 )
             images = memory.load_images(ds, pil_eval, f"eval|{pil_eval!r}", cache, workers, log)
+            images = memory.to_device(images, device)
             return memory.MemoryLoader(images, targets, sampler, local, mean, std, device=device)
         except memory.NotUniform:
             pass  # images of several sizes: loader workers instead
     common = dict(batch_size=local, num_workers=workers, pin_memory=device.type == "cuda")
+    ds = _drafted(cfg.data, ds, train)
     if train:
         if two_views:
             common["collate_fn"] = collate_views

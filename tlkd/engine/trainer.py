@@ -28,6 +28,7 @@ from tlkd.engine.progress import Reporter
 from tlkd.errors import TlkdError
 from tlkd.models.factory import state_dict_for_save
 from tlkd.models.freeze import Freezer
+from tlkd.run import startup
 from tlkd.run.plots import plot_curves
 from tlkd.run.rundir import CURVES, RunDir
 
@@ -93,11 +94,20 @@ class Trainer:
         self._partial: dict[str, Any] | None = None
         self._signals = StopSignals()
         self.dist = distributed.info()
+        self._compiled: nn.Module | None = None
         self.step_module = self._wrap()
 
     def _wrap(self) -> nn.Module:
-        """The module a training step calls: DDP-wrapped under torchrun."""
-        trainable = Trainable(self.model, self.objective)
+        """The module a training step calls: DDP-wrapped under torchrun. With train.compile
+        the model inside it is torch.compile's wrapper (same parameters), so training steps
+        run compiled while validation, checkpoints and hooks see the plain model. Calls an
+        objective makes to other methods (forward_features, ...) run eager."""
+        model = self.model
+        if self.cfg.compile is True:
+            if self._compiled is None:
+                self._compiled = torch.compile(self.model)
+            model = self._compiled
+        trainable = Trainable(model, self.objective)
         if not self.dist.enabled:
             return trainable
         from torch.nn.parallel import DistributedDataParallel
@@ -160,6 +170,7 @@ class Trainer:
                 if step == skip:
                     _set_rng(partial["rng"])  # the RNGs as they were when it stopped
                 continue
+            startup.first_step()  # the start-up clock stops (summary.json startup_s)
             self.objective.start_step(step, steps)
             images = images.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)

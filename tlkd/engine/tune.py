@@ -193,3 +193,25 @@ def _measure(model, device, batch_shape, train, precisions, layouts):
         if t * MARGIN < base and t < best_t:
             best, best_t = key, t
     return best, timings
+
+
+# train.compile: auto. torch.compile pays its compilation once per run (about a minute for a
+# CIFAR ResNet on this project's 2-core CPU, docs/performance.md section 6) and gains a share of
+# every later step; auto turns it on only where the measured gain over the planned steps
+# outweighs that cost.
+COMPILE_MIN_STEPS = {"cuda": 2000}  # device type -> planned steps from which auto compiles
+
+
+def compile_rule(device: torch.device, planned_steps: int) -> tuple[bool, str]:
+    """``train.compile: auto``: whether to compile, and why (for the plan)."""
+    if not hasattr(torch, "compile"):
+        return False, "this torch has no torch.compile"
+    least = COMPILE_MIN_STEPS.get(device.type)
+    if least is None:
+        return False, (
+            f"on {device.type} the compilation costs more than it gains over a run "
+            "(docs/performance.md section 6)"
+        )
+    if planned_steps < least:
+        return False, f"{planned_steps:,} steps: too short to pay back the compilation"
+    return True, f"{planned_steps:,} steps on {device.type}"

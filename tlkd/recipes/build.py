@@ -32,6 +32,7 @@ from tlkd.errors import ConfigError
 from tlkd.models.factory import WeightsReport, build_model
 from tlkd.models.lora import LoraReport, apply_lora
 from tlkd.recipes.modes import mode_of
+from tlkd.run import startup
 from tlkd.run.rundir import CONFIG, check_output_dir
 
 
@@ -54,6 +55,8 @@ class Experiment:
     source: Config | None = None
     resolved: dict[str, Any] = field(default_factory=dict)
     lora: LoraReport | None = None  # model.lora: the adapters injected for training
+    # the start-up clock (summary.json startup_s)
+    startup: startup.Startup = field(default_factory=startup.Startup)
 
     @property
     def classes(self) -> list[str]:
@@ -141,6 +144,7 @@ def build_experiment(
     is then model.pretrained's run directory's (the size the source model was trained at),
     or else the target images' own, and the augmentation follows the target images."""
     log = log or _log
+    clock = startup.current()
     source = cfg
     r = Resolution(cfg, {**_first_choices(resume), **cfg.resolved})
     for key, value in (implied or {}).items():
@@ -155,7 +159,8 @@ def build_experiment(
     if for_training:
         _check_optimizer(cfg)
     device = resolve_device(cfg.train.device)
-    splits = build_splits(cfg.data, subset_seed(cfg))
+    with clock.phase("data"):  # listing the files, splits and subsets
+        splits = build_splits(cfg.data, subset_seed(cfg))
     if (
         classifier
         and cfg.model.num_classes is not None
@@ -167,9 +172,10 @@ def build_experiment(
         )
     r.set("model.num_classes", len(splits.classes) if classifier else 0)
     cfg = r.cfg
-    model, weights = build_model(
-        cfg.model, cfg.model.num_classes, splits.classes if classifier else None
-    )
+    with clock.phase("model"):  # building it, reading its weights
+        model, weights = build_model(
+            cfg.model, cfg.model.num_classes, splits.classes if classifier else None
+        )
     # LoRA adapters train; evaluate, export and wise read the merged weights of a plain model
     lora = apply_lora(model, cfg.model.lora) if for_training and cfg.model.lora else None
     if for_training:
@@ -178,12 +184,13 @@ def build_experiment(
     train_images = splits.train
     if source_free is not None:
         train_images = splits.val if isinstance(source_free, str) else source_free
-    native = (  # the training images' own size, read once for the two rules below
-        _native_size(train_images, subset_seed(cfg))
-        if cfg.data.dataset not in SMALL_IMAGE_DATASETS
-        and (for_training or cfg.data.image_size is None)
-        else None
-    )
+    with clock.phase("data"):  # the training images' own size, read once for two rules
+        native = (
+            _native_size(train_images, subset_seed(cfg))
+            if cfg.data.dataset not in SMALL_IMAGE_DATASETS
+            and (for_training or cfg.data.image_size is None)
+            else None
+        )
     unset = not r.keep_first("data.image_size", "image_size") and cfg.data.image_size is None
     # a source-free run takes the size its source run was trained at, where it can tell
     if unset and (source_free is None or not _source_run_input(r)):
@@ -195,7 +202,8 @@ def build_experiment(
     if for_training:
         _resolve_augment(r, len(train_images), native, weights.loaded > 0)
     model.to(device)
-    _resolve_knobs(r, model, model_cfg, device, for_training, log, dry_run)
+    with clock.phase("auto_timing"):  # precision and channels_last: auto
+        _resolve_knobs(r, model, model_cfg, device, for_training, log, dry_run)
     cfg = r.cfg
     dtype = autocast_dtype(cfg.train.precision, device)
     if cfg.train.channels_last is True:
@@ -206,12 +214,15 @@ def build_experiment(
     if r.cfg.data.num_workers is None:
         r.set("data.num_workers", default_workers())
     cfg = r.cfg
-    loaders = build_loaders(cfg, splits, model_cfg, device, log)
+    with clock.phase("loaders"):  # decoding into memory (or the cache), loader set-up
+        loaders = build_loaders(cfg, splits, model_cfg, device, log)
     r.set("data.in_memory", loaders.in_memory)
+    if for_training:
+        _resolve_compile(r, device, cfg.train.epochs * len(loaders.train))
     cfg = r.cfg
     return Experiment(
         cfg, splits, model, weights, loaders, device, dtype, model_cfg, r.choices, source,
-        r.values, lora,
+        r.values, lora, clock,
     )  # fmt: skip
 
 
@@ -362,6 +373,13 @@ def _resolve_knobs(r: Resolution, model, model_cfg, device, for_training, log, d
     )  # fmt: skip
     r.set("train.precision", precision)
     r.set("train.channels_last", channels_last)
+
+
+def _resolve_compile(r: Resolution, device: torch.device, planned_steps: int) -> None:
+    if r.keep_first("train.compile", "compile") or r.cfg.train.compile != "auto":
+        return
+    on, why = tune.compile_rule(device, planned_steps)
+    r.set("train.compile", on, "compile", f"{str(on).lower()} ({why})")
 
 
 def _log(message: str) -> None:

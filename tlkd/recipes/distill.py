@@ -57,10 +57,11 @@ def distill(
     reporter = reporter or Reporter(cfg.train.log_every)
     exp = build_experiment(cfg, log=reporter.print, resume=resume, dry_run=dry_run, implied=implied)
     cfg = exp.cfg
-    teachers = [
-        build_teacher(t, _teacher_key(cfg, i), exp.loaders.mean, exp.loaders.std).to(exp.device)
-        for i, t in enumerate(cfg.teacher_list)
-    ]
+    with exp.startup.phase("teachers"):
+        teachers = [
+            build_teacher(t, _teacher_key(cfg, i), exp.loaders.mean, exp.loaders.std).to(exp.device)
+            for i, t in enumerate(cfg.teacher_list)
+        ]
     if cfg.train.channels_last is True:  # the student's chosen layout suits its teachers' convs too
         for teacher in teachers:
             teacher.model.to(memory_format=torch.channels_last)
@@ -217,10 +218,11 @@ def _use_cache(cfg: Config, exp, teachers: list[Teacher], objective, reporter) -
     :func:`_check_cache` has passed."""
     c = cfg.distill.cache
     cache_dir = usable_cache_dir(cfg.data.cache_dir)
-    bank = build_bank(
-        exp.loaders.train, teachers, objective.uses_teacher, c.views, c.seed, exp.dtype,
-        exp.device, cache_dir, reporter.print,
-    )  # fmt: skip
+    with exp.startup.phase("teacher_cache"):  # the teacher's views and logits, stored
+        bank = build_bank(
+            exp.loaders.train, teachers, objective.uses_teacher, c.views, c.seed, exp.dtype,
+            exp.device, cache_dir, reporter.print,
+        )  # fmt: skip
     slot = Slot()
     objective.teachers = [CachedTeacher(t, slot, i) for i, t in enumerate(teachers)]
     exp.loaders.train = CachedViews(exp.loaders.train, bank, slot)

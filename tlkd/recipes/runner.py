@@ -212,9 +212,10 @@ def check_resumable(run: RunDir, exp: Experiment) -> None:
     except ConfigError:
         saved = {**flatten(resolved_dict(Config())), **saved}
     now = flatten(saved_config(exp))
-    # what may change on resume: the epochs, where files go, tracking, checkpoint keeping
+    # what may change on resume: the epochs, where files go, tracking, checkpoint keeping,
+    # torch.compile (the same computation, compiled or not)
     ignored = {"train.epochs", "output_dir", "experiment", "data.cache_dir"}
-    ignored |= {"train.keep_checkpoint"}
+    ignored |= {"train.keep_checkpoint", "train.compile"}
     differ = sorted(
         k
         for k in saved.keys() | now.keys()

@@ -60,9 +60,10 @@ def plan_lines(exp: Experiment, steps_per_epoch: int, mode: str) -> list[str]:
             f"{t.epochs * steps_per_epoch:,} steps; {t.optimizer.name} lr {t.optimizer.lr or 0:g}, "
             f"scheduler {t.scheduler.name}",
             f"device      {exp.device}, precision {_shown_precision(cfg, exp)}, "
-            f"channels_last {str(t.channels_last).lower()}",
+            f"channels_last {str(t.channels_last).lower()}, compile {str(t.compile).lower()}",
         ]
         + [f"{'default':<11} {key}: {why}" for key, why in exp.choices.items()]
+        + [exp.startup.line()]
         + ([f"warning     {exp.weights.warning}"] if exp.weights.warning else [])
         + (
             [f"skipped     {len(splits.bad_images)} unreadable images, e.g. {splits.bad_images[0]}"]
@@ -112,8 +113,11 @@ def write_summary(
         "skipped_image_files": exp.splits.bad_images[:50],
         "data_path": exp.loaders.note,
         "peak_rss_mb": round(peak_rss_mb(), 1),
+        # seconds from the command's start to the first training step, by phase
+        "startup_s": exp.startup.as_dict(),
         "device": str(exp.device),
         "precision": str(exp.dtype or "fp32").replace("torch.", ""),
+        "compile": exp.cfg.train.compile,
         "weights_source": exp.weights.source,
         "weights": "pretrained" if exp.weights.loaded else "random",
         "weights_warning": exp.weights.warning,

@@ -1,0 +1,268 @@
+"""Issue 15's measurements: ``python -m bench.perf2 NAME [--repeats N]`` (see bench/README.md).
+
+    startup     tlkd --help, a config error, and a training run's start-up by phase
+    compile     torch.compile vs eager, fixed batch: resnet20, resnet18, mobilenetv3_small_100
+                at 32 and 224 px (step time, compile time, the steps that pay it back), and one
+                tlkd run each way
+    folder224   the image-folder path at 224 px on JPEGs larger than that (500 and 1,000 px),
+                against the fixed-batch ceiling: reduced-scale decoding on/off, worker counts
+    kd          tlkd distill against a hand-written KD loop doing the same work
+    cache56     the 4-run resnet56 -> resnet20 sweep, live teacher vs distill.cache
+
+Like ``python -m bench``: sides run as separate processes one after another; medians with
+min-max; results to bench/results/perf2-<name>.json. Nothing else may run meanwhile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from bench.__main__ import (
+    PY,
+    REPO,
+    WORK,
+    _stats,
+    handloop,
+    log,
+    ratio,
+    repeat,
+    run,
+    subset,
+    tlkd,
+    tlkd_config,
+)
+
+TEACHER = REPO / "runs" / "c10-teacher-resnet56-r3"
+
+
+def _wall(cmd: list[str], tmp: Path, expect: int = 0) -> float:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp)
+    wall = time.perf_counter() - t0
+    if proc.returncode != expect:
+        raise RuntimeError(f"{' '.join(cmd)}: exit {proc.returncode}\n{proc.stderr[-2000:]}")
+    return wall
+
+
+def startup(ctx) -> dict:
+    """tlkd --help and a config error (best of 5), and a one-epoch run's startup_s."""
+    tmp, out = ctx["tmp"], {}
+    tl = str(Path(PY).with_name("tlkd"))
+    bad = tmp / "bad.yaml"
+    bad.write_text("model: {name: resnet20}\ntrain: {lr: 0.1}\n")
+    out["help_s"] = min(_wall([tl, "--help"], tmp) for _ in range(5))
+    out["config_error_s"] = min(_wall([tl, "finetune", str(bad)], tmp, expect=2) for _ in range(5))
+    runs = []
+    for i in range(ctx["repeats"]):
+        cfg = tlkd_config(tmp, f"start{i}", ctx["train"], ctx["val_small"], train__epochs=1)
+        runs.append(tlkd("finetune", cfg, tmp))
+    phases = sorted({k for r in runs for k in r["summary"]["startup_s"]})
+    out["training_startup_s"] = {
+        k: _stats([r["summary"]["startup_s"].get(k, 0.0) for r in runs]) for k in phases
+    }
+    out["targets"] = {"help_s": 0.5, "config_error_s": 0.5}
+    return out
+
+
+COMPILE_CASES = [  # model, size, batch
+    ("resnet20", 32, 128),
+    ("resnet18", 32, 128),
+    ("mobilenetv3_small_100", 32, 128),
+    ("resnet20", 224, 32),
+    ("resnet18", 224, 32),
+    ("mobilenetv3_small_100", 224, 32),
+]
+
+
+def compile_(ctx) -> dict:
+    """Fixed-batch steps eager vs compiled; compile_s = the compiled warm-up minus the eager
+    one; break_even_steps = compile_s / (eager step - compiled step)."""
+    out = {}
+    for model, size, batch in COMPILE_CASES:
+        steps = "20" if size == 32 else "8"
+        common = ["--model", model, "--size", str(size), "--batch-size", str(batch)]
+        eager = [handloop("train-fixed", *common, "--steps", steps) for _ in range(ctx["repeats"])]
+        comp = handloop("train-fixed", *common, "--steps", steps, "--compile")
+        t_e = statistics.median(batch / r["img_s"] for r in eager)
+        t_c = batch / comp["img_s"]
+        compile_s = comp["warmup_s"] - statistics.median(r["warmup_s"] for r in eager)
+        out[f"{model}_{size}"] = {
+            "eager_step_s": t_e,
+            "eager_img_s": _stats([r["img_s"] for r in eager]),
+            "compiled_step_s": t_c,
+            "speedup": t_e / t_c,
+            "compile_s": compile_s,
+            "break_even_steps": compile_s / (t_e - t_c) if t_e > t_c else None,
+        }
+    # one whole run each way: resnet20, 32 px, 5,120 images, 3 epochs
+    tmp = ctx["tmp"]
+    for label, on in (("eager", False), ("compiled", True)):
+        cfg = tlkd_config(
+            tmp, f"run-{label}", ctx["train"], ctx["val_small"], data__in_memory=True,
+            train__epochs=3, train__compile=on,
+        )  # fmt: skip
+        r = tlkd("finetune", cfg, tmp)
+        out[f"run_{label}"] = {"wall_s": r["wall_s"], "img_s": r["last"]["train_img_per_s"]}
+    out["run_speedup"] = out["run_eager"]["wall_s"] / out["run_compiled"]["wall_s"]
+    return out
+
+
+def large_jpegs(side: int, per_class: int = 100) -> Path:
+    """CIFAR-10 training images upsampled to ``side`` x ``side * 3 // 4`` px JPEGs (quality
+    90): the decode cost of photos that size (their content is CIFAR's, blurred)."""
+    out = WORK / "data" / f"jpeg{side}-{per_class}"
+    if out.is_dir():
+        return out
+    from PIL import Image
+
+    tmp = out.with_suffix(".tmp")
+    src = subset("train", per_class)
+    for cls in sorted(p for p in src.iterdir() if p.is_dir()):
+        (tmp / cls.name).mkdir(parents=True, exist_ok=True)
+        for f in sorted(cls.iterdir()):
+            img = Image.open(f).convert("RGB").resize((side, side * 3 // 4), Image.BICUBIC)
+            img.save(tmp / cls.name / f"{f.stem}.jpg", quality=90)
+    tmp.rename(out)
+    return out
+
+
+def folder224(ctx) -> dict:
+    """Steady-state (second epoch) img/s of tlkd's image-folder path at 224 px, over the
+    fixed-batch ceiling of the same model and batch."""
+    tmp, n, out = ctx["tmp"], ctx["repeats"], {}
+    val = large_jpegs(500, 2)  # 20 val images: the pass after each epoch stays short
+    for model in ("mobilenetv3_small_100", "resnet18"):
+        fixed = repeat(n, lambda m=model: handloop(
+            "train-fixed", "--model", m, "--size", "224", "--batch-size", "32", "--steps", "8"
+        )["img_s"])  # fmt: skip
+        res: dict = {"fixed_batch_img_s": fixed}
+        for side in (500, 1000):
+            train = large_jpegs(side)
+            for draft in (False, True):
+                for workers in (2, 4):
+                    cfg = tlkd_config(
+                        tmp, f"f{side}-{draft}-{workers}", train, val,
+                        model={"name": model, "pretrained": False},
+                        data__image_size=224, data__crop_pct=0.875, data__in_memory=False,
+                        data__jpeg_draft=draft, data__num_workers=workers,
+                        data__augment={"policy": "light"}, train__epochs=2, train__batch_size=32,
+                    )  # fmt: skip
+                    img_s = repeat(
+                        n, lambda c=cfg: tlkd("finetune", c, tmp)["last"]["train_img_per_s"]
+                    )
+                    res[f"src{side}_draft_{draft}_workers_{workers}"] = {
+                        "img_s": img_s,
+                        "ratio": ratio(img_s, fixed),
+                    }
+        out[model] = res
+    out["target"] = 0.95
+    return out
+
+
+def kd(ctx) -> dict:
+    """tlkd distill (its defaults: in-memory path, auto settings) vs bench/handloop.py kd-files
+    (ImageFolder + 2 workers, teacher under inference_mode): resnet56 -> resnet20, 5,120
+    images, batch 128, one epoch; alternating."""
+    tmp, n = ctx["tmp"], ctx["repeats"]
+    weights = TEACHER / "model.safetensors"
+    cfg = tlkd_config(
+        tmp, "kd", ctx["train"], ctx["val_small"],
+        teacher={"name": "resnet56", "pretrained": str(TEACHER)},
+        distill={"losses": [{"type": "kd", "weight": 0.9, "temperature": 4.0},
+                            {"type": "ce", "weight": 0.1}]},
+        train__optimizer={"name": "adamw", "lr": 2e-3, "weight_decay": 0.05},
+        train__precision="auto", train__channels_last="auto",
+    )  # fmt: skip
+    del cfg["data"]["num_workers"]
+    values: dict[str, list[float]] = {"tlkd_img_s": [], "hand_img_s": []}
+    for _ in range(n):
+        values["tlkd_img_s"].append(tlkd("distill", cfg, tmp)["row"]["train_img_per_s"])
+        values["hand_img_s"].append(
+            handloop(
+                "kd-files",
+                "--train",
+                str(ctx["train"]),
+                "--teacher",
+                "resnet56",
+                "--teacher-weights",
+                str(weights),
+                "--uint8",
+            )["img_s"]  # fmt: skip
+        )
+    out: dict = {k: _stats(v) for k, v in values.items()}
+    out["ratio"] = ratio(out["tlkd_img_s"], out["hand_img_s"])
+    out["target"] = 1.5
+    return out
+
+
+def cache56(ctx) -> dict:
+    """configs/cifar10-distill/cache-live.yaml vs cache-bank.yaml with 4 views (resnet56 ->
+    resnet20, 4 seeds, 8 epochs of 5,000 images; the teacher the distill configs name), each
+    sweep paying for its own bank; back to back."""
+    out = {}
+    tl = str(Path(PY).with_name("tlkd"))
+    sides = (
+        ("live", "cache-live.yaml", []),
+        ("cached", "cache-bank.yaml", ["distill.cache.views=4"]),
+    )
+    for label, config, over in sides:
+        for f in (Path.home() / ".cache" / "tlkd" / "teacher").glob("*"):
+            f.unlink()  # a fresh bank (and teacher val score): each sweep pays for its own
+        t0 = time.perf_counter()
+        run([tl, "sweep", str(REPO / "configs" / "cifar10-distill" / config), *over], cwd=REPO)
+        out[f"{label}_sweep_s"] = time.perf_counter() - t0
+    out["speedup"] = out["live_sweep_s"] / out["cached_sweep_s"]
+    out["target"] = 1.5
+    return out
+
+
+COMPARISONS = {
+    "startup": startup,
+    "compile": compile_,
+    "folder224": folder224,
+    "kd": kd,
+    "cache56": cache56,
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.perf2", description=__doc__)
+    p.add_argument("name", choices=list(COMPARISONS))
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+    ctx = {
+        "train": subset("train", 512),
+        "val_small": subset("test", 20),
+        "repeats": args.repeats,
+    }
+    results = {
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+        },
+        "command": f"python -m bench.perf2 {args.name} --repeats {args.repeats}",
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+    with tempfile.TemporaryDirectory(prefix="tlkd-perf2-") as tmp:
+        ctx["tmp"] = Path(tmp)
+        t0 = time.perf_counter()
+        results[args.name] = COMPARISONS[args.name](ctx)
+        results[args.name]["bench_s"] = round(time.perf_counter() - t0, 1)
+    out = REPO / "bench" / "results" / f"perf2-{args.name}.json"
+    out.write_text(json.dumps(results, indent=1, default=str))
+    log(json.dumps(results, indent=1, default=str)[:6000])
+    log(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
