@@ -1,4 +1,5 @@
-"""Reduced-scale JPEG decoding on the loader-worker path (tlkd/data/decode.py)."""
+"""Image decoding on the loader-worker path (tlkd/data/decode.py): simplejpeg gives PIL's
+pixels, and JPEGs are decoded at a reduced scale only where no sampled view loses pixels."""
 
 import numpy as np
 import pytest
@@ -6,8 +7,9 @@ import torch
 from PIL import Image
 
 from tlkd.config.schema import AugmentConfig
+from tlkd.data import decode
 from tlkd.data.datasets import labeled_folder
-from tlkd.data.decode import DraftLoader, needed_side, with_draft
+from tlkd.data.decode import ImageLoader, needed_side, with_draft
 
 
 def _photo(size: int, seed: int) -> Image.Image:
@@ -26,6 +28,16 @@ def jpegs(tmp_path):
     return tmp_path
 
 
+@pytest.fixture(params=["simplejpeg", "pil"])
+def decoder(request, monkeypatch):
+    """Every loader test runs with simplejpeg and with PIL alone (simplejpeg missing)."""
+    if request.param == "pil":
+        monkeypatch.setattr(decode, "simplejpeg", None)
+    else:
+        assert decode.simplejpeg is not None  # a base dependency
+    return request.param
+
+
 def test_needed_side_covers_every_view():
     # eval: the resize before the centre crop
     assert needed_side(224, 0.875, None) == 256
@@ -36,24 +48,48 @@ def test_needed_side_covers_every_view():
     assert needed_side(224, 1.0, none) == 224
 
 
-def test_draft_decodes_at_the_largest_scale_that_keeps_the_side(jpegs):
+def test_decodes_at_the_largest_scale_that_keeps_the_side(jpegs, decoder):
     path = str(jpegs / "a" / "0.jpg")  # 1024 x 768
-    assert DraftLoader(180).__call__(path).size == (256, 192)  # 1/4: 192 >= 180
-    assert DraftLoader(200).__call__(path).size == (512, 384)  # 1/2: 1/4 would give 192
-    assert DraftLoader(700).__call__(path).size == (1024, 768)  # full size
+    assert ImageLoader(180)(path).size == (256, 192)  # 1/4: 192 >= 180
+    assert ImageLoader(200)(path).size == (512, 384)  # 1/2: 1/4 would give 192
+    assert ImageLoader(700)(path).size == (1024, 768)  # full size
+    assert ImageLoader(5000)(path).size == (1024, 768)  # smaller than asked: full size
+    assert ImageLoader()(path).size == (1024, 768)
     png = jpegs / "a" / "x.png"
     Image.open(path).save(png)
-    assert DraftLoader(180)(str(png)).size == (1024, 768)  # not a JPEG: decoded whole
-    assert DraftLoader(180)(path).mode == "RGB"
+    assert ImageLoader(180)(str(png)).size == (1024, 768)  # not a JPEG: decoded whole
+    assert ImageLoader(180)(path).mode == "RGB"
 
 
-def test_drafted_views_match_full_decodes(jpegs):
+def test_simplejpeg_gives_pils_pixels(jpegs, tmp_path):
+    """Full and reduced-scale decodes, colour, grey and progressive files: equal to PIL's;
+    a truncated file fails as PIL fails."""
+    src = _photo(640, seed=3)
+    files = {"rgb": {}, "grey": {}, "progressive": {"progressive": True}}
+    for name, kw in files.items():
+        (src.convert("L") if name == "grey" else src).save(tmp_path / f"{name}.jpg", **kw)
+    for name in files:
+        path = str(tmp_path / f"{name}.jpg")
+        for side in (0, 150):
+            ours = np.asarray(ImageLoader(side)(path))
+            with Image.open(path) as img:
+                if side:
+                    img.draft("RGB", (side, side))
+                theirs = np.asarray(img.convert("RGB"))
+            assert ours.shape == theirs.shape and np.array_equal(ours, theirs), (name, side)
+    data = (tmp_path / "rgb.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(OSError, match="truncated"):
+        ImageLoader()(str(tmp_path / "cut.jpg"))
+
+
+def test_drafted_views_match_full_decodes(jpegs, decoder):
     """After the eval resize to 128 px, a 1/4-scale decode gives the full decode's picture."""
     from torchvision.transforms import Compose, PILToTensor, Resize
 
     ds = labeled_folder(jpegs, "data.train")
     drafted = with_draft(ds, needed_side(128, 1.0, None))
-    assert drafted.base is not ds.base and ds.base.loader is not drafted.base.loader
+    assert drafted.base is not ds.base and ds.base.loader.min_side == 0
     resize = Compose([Resize(128), PILToTensor()])
     for i in range(len(ds)):
         full, small = ds[i][0], drafted[i][0]
@@ -63,8 +99,8 @@ def test_drafted_views_match_full_decodes(jpegs):
     assert drafted.targets == ds.targets
 
 
-def test_jpeg_draft_off_reads_whole_files(tiny_config):
-    """The setting reaches the loaders: with it off the loader is torchvision's own."""
+def test_jpeg_draft_off_decodes_whole_files(tiny_config):
+    """The setting reaches the loaders: off, files are decoded at full size."""
     from tlkd.config import load_config
     from tlkd.recipes.build import build_experiment
 
@@ -72,5 +108,5 @@ def test_jpeg_draft_off_reads_whole_files(tiny_config):
         cfg = load_config(str(tiny_config(data={"in_memory": False, "jpeg_draft": on})), [])
         exp = build_experiment(cfg, dry_run=True, log=lambda m: None)
         loader = exp.loaders.train.loader.dataset.base.base.loader
-        assert isinstance(loader, DraftLoader) is on
+        assert isinstance(loader, ImageLoader) and (loader.min_side > 0) is on
         assert torch.is_tensor(next(iter(exp.loaders.val))[0])

@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 from tlkd.config.schema import DataConfig
 from tlkd.config.suggest import did_you_mean
 from tlkd.data.catalog import TORCHVISION_DATASETS
+from tlkd.data.decode import ImageLoader
 from tlkd.errors import BadImageError, ConfigError
 
 
@@ -100,13 +101,13 @@ class UnlabeledFolder(Dataset):
     sorted, with label -1."""
 
     def __init__(self, root: Path) -> None:
-        from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader
+        from torchvision.datasets.folder import IMG_EXTENSIONS
 
         exts = tuple(e.lower() for e in IMG_EXTENSIONS)
         files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in exts)
         self.samples = [(str(p), -1) for p in files]
         self.targets = [-1] * len(files)
-        self.loader = default_loader
+        self.loader = ImageLoader()
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -218,7 +219,7 @@ def labeled_folder(path: Path, key: str) -> LabeledImages:
     if not path.is_dir():
         raise ConfigError(key, f"not a folder: {path}")
     try:
-        ds = ImageFolder(str(path))
+        ds = ImageFolder(str(path), loader=ImageLoader())
     except FileNotFoundError as err:
         # torchvision: "Couldn't find any class folder in ..." / "Found no valid file for the
         # classes cat. Supported extensions are: ..."

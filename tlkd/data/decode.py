@@ -1,23 +1,35 @@
-"""Decoding image files for the loader-worker path: JPEGs much larger than the size training
-needs are decoded at a reduced scale.
+"""Decoding image files: JPEGs through libjpeg-turbo's own API when simplejpeg is installed,
+and at a reduced scale when they are much larger than training needs.
 
-libjpeg can decode at 1/2, 1/4 or 1/8 scale in the DCT domain (PIL's ``Image.draft``), which
-skips most of the inverse DCT and colour conversion of a large photo; the resize that follows in
-timm's transforms then starts from a smaller image. A scale is used only when the decoded image
-keeps at least the pixels the transforms can sample (``needed_side``), so the views a model sees
-are as sharp as from the full decode. timm and torchvision decode at full size; this is the trick
-of ffcv and DALI, written here because their loaders replace the whole data path.
+- simplejpeg (a thin binding of libjpeg-turbo's TurboJPEG API) decodes a JPEG 3x faster than
+  PIL on this project's machine, to the same pixels (tests/test_decode.py checks they are
+  equal; CMYK files and anything simplejpeg refuses go to PIL).
+- libjpeg can decode at 1/2, 1/4 or 1/8 scale in the DCT domain (PIL's ``Image.draft``), which
+  skips most of the inverse DCT and colour conversion of a large photo; the resize that follows
+  in timm's transforms then starts from a smaller image. A scale is used only when the decoded
+  image keeps at least the pixels the transforms can sample (``needed_side``), so the views a
+  model sees are as sharp as from the full decode. timm and torchvision decode at full size;
+  this is the trick of ffcv and DALI, written here because their loaders replace the whole
+  data path. Measured in docs/performance.md.
 """
 
 from __future__ import annotations
 
 import copy
+import io
 import math
 from dataclasses import dataclass
 
 from PIL import Image
 
 from tlkd.config.schema import AugmentConfig
+
+try:
+    import simplejpeg
+except ImportError:  # an optional speed-up: PIL decodes the same pixels
+    simplejpeg = None
+
+_SCALES = (8, 4, 2, 1)
 
 
 def needed_side(image_size: int, crop_pct: float, augment: AugmentConfig | None) -> int:
@@ -34,29 +46,50 @@ def needed_side(image_size: int, crop_pct: float, augment: AugmentConfig | None)
 
 
 @dataclass(frozen=True)
-class DraftLoader:
-    """An ImageFolder ``loader``: opens ``path`` as RGB, decoding a JPEG at the largest 1/2,
-    1/4 or 1/8 scale that keeps its shorter side at least ``min_side`` (PIL picks the scale)."""
+class ImageLoader:
+    """An ImageFolder ``loader``: the file at ``path`` as an RGB image. A JPEG is decoded at
+    the largest 1/2, 1/4 or 1/8 scale that keeps its shorter side at least ``min_side`` (0:
+    full size), by simplejpeg where it can, else PIL, both giving the same pixels."""
 
-    min_side: int
+    min_side: int = 0
 
     def __call__(self, path: str) -> Image.Image:
         with open(path, "rb") as f:
-            img = Image.open(f)
-            if img.format == "JPEG":
-                img.draft("RGB", (self.min_side, self.min_side))
-            return img.convert("RGB")
+            data = f.read()
+        if simplejpeg is not None and data[:3] == b"\xff\xd8\xff":
+            img = self._turbo(data)
+            if img is not None:
+                return img
+        img = Image.open(io.BytesIO(data))
+        if img.format == "JPEG" and self.min_side:
+            img.draft("RGB", (self.min_side, self.min_side))
+        return img.convert("RGB")
+
+    def _turbo(self, data: bytes) -> Image.Image | None:
+        try:
+            height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+            if colorspace in ("CMYK", "YCCK"):  # PIL's conversion differs: leave them to it
+                return None
+            s = 1
+            if self.min_side:
+                s = next((s for s in _SCALES if min(height, width) // self.min_side >= s), 1)
+            arr = simplejpeg.decode_jpeg(
+                data, colorspace="RGB", min_height=-(-height // s), min_width=-(-width // s)
+            )
+        except ValueError:  # a file simplejpeg cannot read: PIL reads it or names the error
+            return None
+        return Image.fromarray(arr)
 
 
 def with_draft(ds, min_side: int):
-    """``ds`` (a LabeledImages view) reading its files through a :class:`DraftLoader`; other
+    """``ds`` (a LabeledImages view) reading its files through ``ImageLoader(min_side)``; other
     datasets (in memory, torchvision's arrays) are returned as they are. The base dataset is
     copied, so views sharing it (train and a held-out val) keep their own loaders."""
     base = ds.base
     if not hasattr(base, "loader") or not hasattr(base, "samples"):
         return ds
     base = copy.copy(base)
-    base.loader = DraftLoader(min_side)
+    base.loader = ImageLoader(min_side)
     view = copy.copy(ds)
     view.base = base
     return view

@@ -19,6 +19,7 @@ from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from tlkd.data.decode import ImageLoader, needed_side
 from tlkd.engine.progress import Reporter
 from tlkd.errors import ConfigError, TlkdError, first_line
 from tlkd.run.rundir import CONFIG, WEIGHTS, write_error, write_text
@@ -156,16 +157,16 @@ def collect_images(inputs: Sequence[str]) -> list[Path]:
 class _Files(Dataset):
     """Image files through the eval transform; an unreadable file gives None (reported)."""
 
-    def __init__(self, files: list[Path], transform: Callable) -> None:
+    def __init__(self, files: list[Path], transform: Callable, min_side: int = 0) -> None:
         self.files, self.transform = files, transform
+        self.load = ImageLoader(min_side)  # JPEGs decoded at the scale the resize needs
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
         try:
-            with Image.open(self.files[i]) as img:
-                return i, self.transform(img.convert("RGB")), None
+            return i, self.transform(self.load(str(self.files[i]))), None
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
             return i, None, f"{type(err).__name__}: {err}"  # what PIL raises for bad files
 
@@ -210,7 +211,11 @@ def predict(
     from tlkd.data.pipeline import default_workers
 
     loader = DataLoader(
-        _Files(files, predictor.preprocess.transform()),
+        _Files(
+            files,
+            predictor.preprocess.transform(),
+            needed_side(predictor.preprocess.image_size, predictor.preprocess.crop_pct, None),
+        ),
         batch_size=batch_size,
         num_workers=default_workers() if workers is None else workers,
         collate_fn=_collate,
