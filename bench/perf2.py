@@ -1,5 +1,6 @@
 """Issue 15's measurements: ``python -m bench.perf2 NAME [--repeats N]`` (see bench/README.md).
 
+    decode      ms per JPEG (500 and 1,000 px): PIL vs simplejpeg, full and reduced scale
     startup     tlkd --help, a config error, and a training run's start-up by phase
     compile     torch.compile vs eager, fixed batch: resnet20, resnet18, mobilenetv3_small_100
                 at 32 and 224 px (step time, compile time, the steps that pay it back), and one
@@ -225,7 +226,70 @@ def cache56(ctx) -> dict:
     return out
 
 
+def decode_speed(ctx) -> dict:
+    """ms per image (one thread, median of 5 passes over 20 files) to decode a JPEG of 500 and
+    1,000 px (long side) to RGB: PIL and simplejpeg, at full size and at the reduced scale that
+    keeps 256 px (the eval resize of a 224 px run)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from tlkd.data import decode
+
+    files = sorted(subset("train", 2).rglob("*.jpg"))
+    out: dict = {}
+    for side in (500, 1000):
+        blobs = []
+        for f in files:
+            b = io.BytesIO()
+            img = Image.open(f).convert("RGB").resize((side, side * 3 // 4), Image.BICUBIC)
+            img.save(b, "JPEG", quality=90)
+            blobs.append(b.getvalue())
+        paths = []
+        for i, data in enumerate(blobs):
+            path = ctx["tmp"] / f"{side}-{i}.jpg"
+            path.write_bytes(data)
+            paths.append(str(path))
+        saved = decode.simplejpeg
+        for name, turbo, need in [
+            ("pil_full", False, 0), ("pil_reduced", False, 256),
+            ("simplejpeg_full", True, 0), ("simplejpeg_reduced", True, 256),
+        ]:  # fmt: skip
+            decode.simplejpeg = saved if turbo else None
+            load = decode.ImageLoader(need)
+            times = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                for p in paths:
+                    load(p)
+                times.append((time.perf_counter() - t0) / len(paths) * 1000)
+            out[f"src{side}_{name}"] = {
+                "ms": _stats(times),
+                "decoded_size": list(load(paths[0]).size),
+            }
+        decode.simplejpeg = saved
+        same = all(
+            np.array_equal(np.asarray(decode.ImageLoader(n)(p)), _pil(p, n))
+            for p in paths
+            for n in (0, 256)
+        )
+        out[f"src{side}_simplejpeg_equals_pil"] = same
+    return out
+
+
+def _pil(path: str, need: int):
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as img:
+        if need:
+            img.draft("RGB", (need, need))
+        return np.asarray(img.convert("RGB"))
+
+
 COMPARISONS = {
+    "decode": decode_speed,
     "startup": startup,
     "compile": compile_,
     "folder224": folder224,
