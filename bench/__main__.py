@@ -408,6 +408,12 @@ COMPARISONS = {
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["gpu"]:  # the accelerator check: its own script (bench/gpu.py)
+        from bench import gpu
+
+        sys.argv = ["python -m bench gpu", *sys.argv[2:]]
+        gpu.main()
+        return
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     p.add_argument("suite", choices=["quick", *COMPARISONS])
     p.add_argument("--repeats", type=int, default=3)

@@ -41,7 +41,13 @@ from bench.__main__ import (
     tlkd_config,
 )
 
-TEACHER = REPO / "runs" / "c10-teacher-resnet56-r3"
+
+def teacher_run() -> Path:
+    """The trained resnet56 the distillation configs name (configs/cifar10-distill/kd.yaml)."""
+    import yaml
+
+    kd = yaml.safe_load((REPO / "configs" / "cifar10-distill" / "kd.yaml").read_text())
+    return REPO / kd["teacher"]["pretrained"]
 
 
 def _wall(cmd: list[str], tmp: Path, expect: int = 0) -> float:
@@ -174,10 +180,11 @@ def kd(ctx) -> dict:
     (ImageFolder + 2 workers, teacher under inference_mode): resnet56 -> resnet20, 5,120
     images, batch 128, one epoch; alternating."""
     tmp, n = ctx["tmp"], ctx["repeats"]
-    weights = TEACHER / "model.safetensors"
+    teacher = teacher_run()
+    weights = teacher / "model.safetensors"
     cfg = tlkd_config(
         tmp, "kd", ctx["train"], ctx["val_small"],
-        teacher={"name": "resnet56", "pretrained": str(TEACHER)},
+        teacher={"name": "resnet56", "pretrained": str(teacher)},
         distill={"losses": [{"type": "kd", "weight": 0.9, "temperature": 4.0},
                             {"type": "ce", "weight": 0.1}]},
         train__optimizer={"name": "adamw", "lr": 2e-3, "weight_decay": 0.05},
