@@ -131,7 +131,9 @@ def kd_files(args) -> dict:
     for x, y in loader:
         x = norm(x)
         with torch.inference_mode():
-            soft = F.softmax(teacher(x) / T, dim=1)
+            t_logits = teacher(x)
+        # an inference tensor cannot be saved for backward: a normal copy for the loss
+        soft = F.softmax(t_logits.clone() / T, dim=1)
         logits = student(x)
         kd = F.kl_div(F.log_softmax(logits / T, dim=1), soft, reduction="batchmean") * T * T
         loss = 0.9 * kd + 0.1 * F.cross_entropy(logits, y)

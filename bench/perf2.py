@@ -218,14 +218,16 @@ def cache56(ctx) -> dict:
     sweep paying for its own bank; back to back."""
     out = {}
     tl = str(Path(PY).with_name("tlkd"))
+    cache = WORK / "cache-perf2"  # the bench's own: decoded images kept, teacher files not
     sides = (
         ("live", "cache-live.yaml", []),
         ("cached", "cache-bank.yaml", ["distill.cache.views=4"]),
     )
     for label, config, over in sides:
-        for f in (Path.home() / ".cache" / "tlkd" / "teacher").glob("*"):
+        for f in (cache / "teacher").glob("*"):
             f.unlink()  # a fresh bank (and teacher val score): each sweep pays for its own
         t0 = time.perf_counter()
+        over = [*over, f"data.cache_dir={cache}", f"output_dir={ctx['tmp'] / 'runs'}"]
         run([tl, "sweep", str(REPO / "configs" / "cifar10-distill" / config), *over], cwd=REPO)
         out[f"{label}_sweep_s"] = time.perf_counter() - t0
     out["speedup"] = out["live_sweep_s"] / out["cached_sweep_s"]

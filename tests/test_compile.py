@@ -9,10 +9,16 @@ from safetensors.torch import load_file
 from tlkd.engine.tune import compile_rule
 
 
-def test_auto_rule_compiles_only_long_runs_on_a_gpu():
+def test_auto_rule_compiles_only_long_runs_on_a_gpu(monkeypatch):
+    from tlkd.engine import tune
+
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     on, why = compile_rule(cpu, 10**6)
     assert not on and "on cpu" in why
+    monkeypatch.setattr(tune, "_compiler_available", lambda device: False)
+    on, why = compile_rule(cuda, 10**5)
+    assert not on and "no Triton" in why
+    monkeypatch.setattr(tune, "_compiler_available", lambda device: True)
     on, why = compile_rule(cuda, 100)
     assert not on and "100 steps" in why
     assert compile_rule(cuda, 10**5)[0]
@@ -43,6 +49,8 @@ def test_compiled_run_trains_and_resumes_exactly(tmp_path, tiny_config, cli):
     runs = tmp_path / "runs"
     summary = json.loads((runs / "straight" / "summary.json").read_text())
     assert summary["compile"] is True and summary["status"] == "finished"
+    # the start-up clock, from the command's start to the first (compiled) step
+    assert {"config", "imports", "data", "model", "to_first_step"} <= summary["startup_s"].keys()
     start = load_file(runs / "straight" / "model.safetensors")
     assert all(torch.isfinite(v).all() for v in start.values())
 

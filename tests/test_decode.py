@@ -77,6 +77,11 @@ def test_simplejpeg_gives_pils_pixels(jpegs, tmp_path):
                     img.draft("RGB", (side, side))
                 theirs = np.asarray(img.convert("RGB"))
             assert ours.shape == theirs.shape and np.array_equal(ours, theirs), (name, side)
+    src.convert("CMYK").save(tmp_path / "cmyk.jpg")  # left to PIL: its own conversion
+    with Image.open(tmp_path / "cmyk.jpg") as img:
+        assert np.array_equal(
+            np.asarray(ImageLoader()(str(tmp_path / "cmyk.jpg"))), img.convert("RGB")
+        )
     data = (tmp_path / "rgb.jpg").read_bytes()
     (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
     with pytest.raises(OSError, match="truncated"):
@@ -99,8 +104,9 @@ def test_drafted_views_match_full_decodes(jpegs, decoder):
     assert drafted.targets == ds.targets
 
 
-def test_jpeg_draft_off_decodes_whole_files(tiny_config):
-    """The setting reaches the loaders: off, files are decoded at full size."""
+def test_jpeg_draft_reaches_training_images_only(tiny_config):
+    """The setting reaches the training loader (off: full decodes); eval views are always
+    decoded whole."""
     from tlkd.config import load_config
     from tlkd.recipes.build import build_experiment
 
@@ -109,4 +115,5 @@ def test_jpeg_draft_off_decodes_whole_files(tiny_config):
         exp = build_experiment(cfg, dry_run=True, log=lambda m: None)
         loader = exp.loaders.train.loader.dataset.base.base.loader
         assert isinstance(loader, ImageLoader) and (loader.min_side > 0) is on
+        assert exp.loaders.val.loader.dataset.base.base.loader.min_side == 0
         assert torch.is_tensor(next(iter(exp.loaders.val))[0])

@@ -177,4 +177,22 @@ def test_data_over_the_memory_budget_are_memory_mapped_and_train_the_same(
     proc = run_cli("finetune", write_config(cfg, "nocache.yaml"), "experiment=nocache")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((tmp_path / "runs" / "nocache" / "summary.json").read_text())
-    assert "workers" in summary["data_path"] and "cannot be memory-mapped" in summary["data_path"]
+    assert "workers" in summary["data_path"] and "no usable cache folder" in summary["data_path"]
+
+
+def test_evaluation_only_data_over_the_budget_are_memory_mapped(tmp_path, squares, monkeypatch):
+    """No training images (evaluate's data.val alone) and data over the budget: the val
+    images are mapped, the empty train split is no obstacle."""
+    from tlkd.config import load_config
+    from tlkd.recipes.build import build_experiment
+
+    _, val = squares
+    cfg = small_config(tmp_path, None, val)
+    cfg["data"]["cache_dir"] = str(tmp_path / "cache")
+    path = tmp_path / "eval.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    monkeypatch.setattr(memory, "available_memory", lambda: 1000)
+    exp = build_experiment(load_config(str(path), []), for_training=False, log=lambda m: None)
+    assert exp.loaders.note.startswith("memory-mapped from the cache folder")
+    images, targets = next(iter(exp.loaders.val))
+    assert images.shape[1:] == (3, 16, 16) and len(targets) == len(images)

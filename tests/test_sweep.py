@@ -127,6 +127,10 @@ def test_sweep_runs_a_pretrain_config(tmp_path, make_images, write_config, run_c
         summary = json.loads((run / "summary.json").read_text())
         assert summary["mode"] == "pretrain" and summary["status"] == "finished"
         assert f"temperature: {t}" in (run / "config.yaml").read_text()
+        # each run's start-up is its own: built after the sweep's checks, nothing imported
+        startup = summary["startup_s"]
+        assert {"data", "model", "loaders", "to_first_step"} <= startup.keys()
+        assert "imports" not in startup and startup["to_first_step"] < 60
 
 
 def test_sweep_bad_combination_fails_before_any_run(tmp_path, tiny_config, run_cli):

@@ -6,11 +6,13 @@ and at a reduced scale when they are much larger than training needs.
   equal; CMYK files and anything simplejpeg refuses go to PIL).
 - libjpeg can decode at 1/2, 1/4 or 1/8 scale in the DCT domain (PIL's ``Image.draft``), which
   skips most of the inverse DCT and colour conversion of a large photo; the resize that follows
-  in timm's transforms then starts from a smaller image. A scale is used only when the decoded
-  image keeps at least the pixels the transforms can sample (``needed_side``), so the views a
-  model sees are as sharp as from the full decode. timm and torchvision decode at full size;
-  this is the trick of ffcv and DALI, written here because their loaders replace the whole
-  data path. Measured in docs/performance.md.
+  in timm's transforms then starts from a smaller image. A scale is used only for training
+  views and only when the decoded image keeps at least the resolution every view the
+  transforms can sample needs (``needed_side``): no view is upsampled where the full decode
+  would have had the pixels, though the values differ slightly (DCT-domain scaling filters
+  differently from PIL's resize). Eval views are always decoded whole. timm and torchvision
+  decode at full size; this is the trick of ffcv and DALI, written here because their loaders
+  replace the whole data path. Measured in docs/performance.md (section 10).
 """
 
 from __future__ import annotations
@@ -69,6 +71,9 @@ class ImageLoader:
         try:
             height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
             if colorspace in ("CMYK", "YCCK"):  # PIL's conversion differs: leave them to it
+                return None
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit and height * width > limit:  # PIL's decompression-bomb warning or error
                 return None
             s = 1
             if self.min_side:

@@ -89,18 +89,6 @@ def available_memory() -> int:
         return 4 << 30
 
 
-def free_disk(folder: Path) -> int:
-    """Bytes free on the disk holding ``folder`` (or its nearest existing parent)."""
-    import shutil
-
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    try:
-        return shutil.disk_usage(folder).free
-    except OSError:
-        return 0
-
-
 def estimate_bytes(ds: LabeledImages, pil_tf: Callable | None) -> int:
     """Size of ``ds`` as uint8 tensors, judged by its first image."""
     if len(ds) == 0:
@@ -188,7 +176,16 @@ def load_images(
     with replacing(path, durable=False) as tmp:  # written in place, renamed when complete
 
         def create(shape: tuple[int, ...]) -> np.ndarray:
-            return np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+            arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+            # the file is sparse: reserve its blocks now, so a full disk is an OSError here
+            # and not a SIGBUS when a page is written later
+            if hasattr(os, "posix_fallocate"):
+                fd = os.open(tmp, os.O_RDWR)
+                try:
+                    os.posix_fallocate(fd, 0, os.path.getsize(tmp))
+                finally:
+                    os.close(fd)
+            return arr
 
         out = _decode(ds, pil_tf, workers, create)
         out.flush()
@@ -280,16 +277,17 @@ class MemoryLoader:
 DEVICE_FRACTION = 0.25  # of the accelerator's free memory the images may take there
 
 
-def to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``images`` moved onto ``device`` (a GPU) when they take at most DEVICE_FRACTION of its
-    free memory, so batches are gathered and augmented there with no copy per step; else as
+def to_device(images: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """``images`` moved onto ``device`` (a GPU) when together they take at most
+    DEVICE_FRACTION of its free memory (the rest is the model's, its teachers' and the
+    activations'), so batches are gathered and augmented there with no copy per step; else as
     they are (host memory, copied a batch at a time)."""
-    if device.type != "cuda" or images.device == device:
+    if device.type != "cuda" or all(x.device == device for x in images):
         return images
     free, _ = torch.cuda.mem_get_info(device)
-    if images.numel() * images.element_size() > DEVICE_FRACTION * free:
+    if sum(x.numel() * x.element_size() for x in images) > DEVICE_FRACTION * free:
         return images
-    return images.to(device)
+    return [x.to(device) for x in images]
 
 
 def pil_stage(eval_tf: Callable) -> Callable:

@@ -176,8 +176,7 @@ def build_loaders(
     if isinstance(held, tuple):
         train_images, val_images, mapped = held
         if not mapped:  # on a GPU: the images live there when they fit (no copy per batch)
-            train_images = memory.to_device(train_images, device)
-            val_images = memory.to_device(val_images, device)
+            train_images, val_images = memory.to_device([train_images, val_images], device)
         local = cfg.train.batch_size // ddp.world
         augment = BatchAugment(
             cfg.data.augment, cfg.data.image_size, mean, std, cfg.data.interpolation
@@ -196,7 +195,7 @@ def build_loaders(
             where = f"in {train_images.device} memory"
         return Loaders(train, val, mean, std, True, f"{where} ({size_mb:.0f} MiB, uint8)")
     workers = cfg.data.num_workers if cfg.data.num_workers is not None else default_workers()
-    train_files, val_files = _drafted(cfg.data, splits.train, True), _drafted(cfg.data, splits.val)
+    train_files = _drafted(cfg.data, splits.train)
     common = dict(
         batch_size=cfg.train.batch_size // ddp.world,
         num_workers=workers,
@@ -211,19 +210,21 @@ def build_loaders(
         ),
         mean, std, device=device, re_prob=cfg.data.augment.re_prob,
     )  # fmt: skip
-    val_set: Dataset = Transformed(val_files, eval_tf)
+    val_set: Dataset = Transformed(splits.val, eval_tf)
     if ddp.enabled:
         val_set = Subset(val_set, val_index)
     val = Normalized(DataLoader(val_set, shuffle=False, **common), mean, std, device=device)
     return Loaders(train, val, mean, std, False, f"{workers} loader workers ({held})")
 
 
-def _drafted(data: DataConfig, ds: LabeledImages, train: bool = False) -> LabeledImages:
-    """``ds`` decoding its JPEGs at a reduced scale where that loses nothing the transforms
-    sample (tlkd/data/decode.py), unless ``data.jpeg_draft`` is off."""
+def _drafted(data: DataConfig, ds: LabeledImages) -> LabeledImages:
+    """Training images ``ds`` decoding their JPEGs at a reduced scale that keeps the resolution
+    every sampled view needs (tlkd/data/decode.py), unless ``data.jpeg_draft`` is off. Eval
+    views are always decoded whole: evaluate, predict and the in-memory path score the same
+    pixels."""
     if not data.jpeg_draft:
         return ds
-    side = decode.needed_side(data.image_size, data.crop_pct, data.augment if train else None)
+    side = decode.needed_side(data.image_size, data.crop_pct, data.augment)
     return decode.with_draft(ds, side)
 
 
@@ -239,31 +240,37 @@ def _in_memory(
     pil_eval = memory.pil_stage(eval_tf)
     reason = unsupported(data.augment)
     cache = memory.usable_cache_dir(data.cache_dir) if reason is None else None
-    mapped = False
+    mapped, over = False, "the images"
     if reason is None:
         need = memory.estimate_bytes(splits.train, None)
         need += memory.estimate_bytes(splits.val, pil_eval)
         budget = memory.MEMORY_FRACTION * memory.available_memory()
         if need > budget:
             # larger than memory: decoded once into the cache folder and read from there
-            mapped = cache is not None and splits.train.path(0) is not None
-            room = memory.free_disk(cache) if mapped else 0
-            if not mapped or room < need * 1.1:
-                where = "no cache folder" if not mapped else f"{room / 2**30:.1f} GiB free on disk"
-                reason = (
-                    f"the images need {need / 2**30:.1f} GiB, over {budget / 2**30:.1f} GiB of "
-                    f"memory, and cannot be memory-mapped ({where})"
-                )
+            mapped = True
+            over = f"the images need {need / 2**30:.1f} GiB, over {budget / 2**30:.1f} GiB"
+            files = all(len(d) == 0 or d.path(0) is not None for d in (splits.train, splits.val))
+            if not files:
+                reason = f"{over}, and only image files can be memory-mapped"
+            elif cache is None:
+                reason = f"{over}, and there is no usable cache folder to memory-map them from"
     if reason is None:
         workers = data.num_workers if data.num_workers is not None else default_workers()
-        try:
+
+        def load() -> tuple[torch.Tensor, torch.Tensor]:
             train = memory.load_images(splits.train, None, "train", cache, workers, log, mapped)
             val = memory.load_images(
                 splits.val, pil_eval, f"eval|{pil_eval!r}", cache, workers, log, mapped
             )
-            return train, val, mapped
+            return train, val
+
+        try:  # mapped: one process writes the files, the others then map them
+            loaded = distributed.main_first(load) if mapped else load()
+            return (*loaded, mapped)
         except memory.NotUniform as err:
             reason = f"training images differ in size ({err})"
+        except OSError as err:  # a full disk while writing the mapped file
+            reason = f"{over}, and the memory-mapped file could not be written ({err.strerror})"
     if data.in_memory is True:
         raise ConfigError("data.in_memory", f"cannot hold the data in memory: {reason}")
     return reason
@@ -305,7 +312,7 @@ def extra_loader(
         try:
             if train:
                 images = memory.load_images(ds, None, "train", cache, workers, log)
-                images = memory.to_device(images, device)
+                (images,) = memory.to_device([images], device)
                 augment = BatchAugment(
                     cfg.data.augment, cfg.data.image_size, mean, std, cfg.data.interpolation
                 )
@@ -313,13 +320,13 @@ def extra_loader(
                     images, targets, sampler, local, mean, std, augment, generator, device
                 )
             images = memory.load_images(ds, pil_eval, f"eval|{pil_eval!r}", cache, workers, log)
-            images = memory.to_device(images, device)
+            (images,) = memory.to_device([images], device)
             return memory.MemoryLoader(images, targets, sampler, local, mean, std, device=device)
         except memory.NotUniform:
             pass  # images of several sizes: loader workers instead
     common = dict(batch_size=local, num_workers=workers, pin_memory=device.type == "cuda")
-    ds = _drafted(cfg.data, ds, train)
     if train:
+        ds = _drafted(cfg.data, ds)
         if two_views:
             common["collate_fn"] = collate_views
         views = (PairOfViews if two_views else Transformed)(ds, train_tf)

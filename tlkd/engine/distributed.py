@@ -9,9 +9,9 @@ see the same batches as one process would.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -34,6 +34,7 @@ class DistInfo:
 
 
 _INFO = DistInfo()
+T = TypeVar("T")
 
 
 def info() -> DistInfo:
@@ -70,6 +71,23 @@ def broadcast(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def main_first(fn: Callable[[], T]) -> T:
+    """``fn()`` on rank 0, then on the other ranks (which find what rank 0 wrote, e.g. a cache
+    file). An exception on rank 0 is raised on every rank, so none waits for the others."""
+    if not info().enabled:
+        return fn()
+    out, err = None, None
+    if info().is_main:
+        try:
+            out = fn()
+        except Exception as e:  # noqa: BLE001 - raised again below, on every rank
+            err = e
+    err = broadcast(err)
+    if err is not None:
+        raise err
+    return out if info().is_main else fn()
 
 
 def all_sum(values: list[float]) -> list[float]:

@@ -202,11 +202,29 @@ def _measure(model, device, batch_shape, train, precisions, layouts):
 COMPILE_MIN_STEPS = {"cuda": 2000}  # device type -> planned steps from which auto compiles
 
 
+def _compiler_available(device: torch.device) -> bool:
+    """Dynamo runs on this Python and, on GPUs, Triton (inductor's kernel compiler) is there."""
+    try:
+        import torch._dynamo
+
+        if not torch._dynamo.is_dynamo_supported():
+            return False
+        if device.type == "cuda":
+            from torch.utils._triton import has_triton
+
+            return bool(has_triton())
+    except (ImportError, RuntimeError):
+        return False
+    return True
+
+
 def compile_rule(device: torch.device, planned_steps: int) -> tuple[bool, str]:
     """``train.compile: auto``: whether to compile, and why (for the plan)."""
     if not hasattr(torch, "compile"):
         return False, "this torch has no torch.compile"
     least = COMPILE_MIN_STEPS.get(device.type)
+    if least is not None and not _compiler_available(device):
+        return False, f"torch.compile cannot compile for {device.type} here (no Triton)"
     if least is None:
         return False, (
             f"on {device.type} the compilation costs more than it gains over a run "

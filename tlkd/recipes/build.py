@@ -144,7 +144,7 @@ def build_experiment(
     is then model.pretrained's run directory's (the size the source model was trained at),
     or else the target images' own, and the augmentation follows the target images."""
     log = log or _log
-    clock = startup.current()
+    clock = startup.for_build()
     source = cfg
     r = Resolution(cfg, {**_first_choices(resume), **cfg.resolved})
     for key, value in (implied or {}).items():

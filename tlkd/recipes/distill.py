@@ -138,6 +138,11 @@ def distill(
         )
     if cfg.data.unlabeled is not None:
         plan.append(_add_unlabeled(cfg, exp, reporter))
+    if cfg.train.compile is True and objective.student_tap is not None:
+        plan.append(
+            "compile     the student runs eager: its feature losses read its layers through "
+            "hooks on the plain model (train.compile speeds up logit losses only)"
+        )
     summary_extra: dict[str, Any] = {"teachers": info}
     if cfg.distill.cache is not None and not dry_run:
         summary_extra["teacher_cache"] = _use_cache(cfg, exp, teachers, objective, reporter)

@@ -19,7 +19,7 @@ from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from tlkd.data.decode import ImageLoader, needed_side
+from tlkd.data.decode import ImageLoader
 from tlkd.engine.progress import Reporter
 from tlkd.errors import ConfigError, TlkdError, first_line
 from tlkd.run.rundir import CONFIG, WEIGHTS, write_error, write_text
@@ -157,9 +157,10 @@ def collect_images(inputs: Sequence[str]) -> list[Path]:
 class _Files(Dataset):
     """Image files through the eval transform; an unreadable file gives None (reported)."""
 
-    def __init__(self, files: list[Path], transform: Callable, min_side: int = 0) -> None:
+    def __init__(self, files: list[Path], transform: Callable) -> None:
         self.files, self.transform = files, transform
-        self.load = ImageLoader(min_side)  # JPEGs decoded at the scale the resize needs
+        # whole decodes (simplejpeg where it can): the pixels tlkd evaluate scores
+        self.load = ImageLoader()
 
     def __len__(self) -> int:
         return len(self.files)
@@ -211,11 +212,7 @@ def predict(
     from tlkd.data.pipeline import default_workers
 
     loader = DataLoader(
-        _Files(
-            files,
-            predictor.preprocess.transform(),
-            needed_side(predictor.preprocess.image_size, predictor.preprocess.crop_pct, None),
-        ),
+        _Files(files, predictor.preprocess.transform()),
         batch_size=batch_size,
         num_workers=default_workers() if workers is None else workers,
         collate_fn=_collate,

@@ -2,8 +2,9 @@
 training step, by phase (imports, config, data, model, auto timing, decoding, ...). Shown in
 the plan and kept in summary.json (``startup_s``), so a slow start names its cause.
 
-One clock per run: the CLI starts it before the heavy imports; a run with none (the later runs
-of a sweep, or a run started from Python) starts its own when the experiment is built.
+One clock per run: the CLI starts it before the heavy imports and the command's first build
+times its phases on it; every later build (the runs of a sweep after its checks, a run started
+from Python) starts its own.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ class Startup:
         self.t0 = time.perf_counter()
         self.phases: dict[str, float] = {}
         self.first_step: float | None = None
+        self.built = False  # a build has timed its phases on this clock
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -56,9 +58,15 @@ def begin() -> Startup:
     return clock
 
 
-def current() -> Startup:
-    """The running clock, started now if there is none."""
-    return _CURRENT.get() or begin()
+def for_build() -> Startup:
+    """The clock a build times its phases on: the command's own for its first build (it holds
+    the imports and the config), a new one for each later build (the runs of a sweep, after
+    its checks), so every run's figures are its own."""
+    clock = _CURRENT.get()
+    if clock is None or clock.built:
+        clock = begin()
+    clock.built = True
+    return clock
 
 
 @contextmanager
