@@ -290,6 +290,10 @@ class TeacherConfig(Section):
     weight: PositiveFloat = 1.0  # share in the averaged soft targets of several teachers
     train_bn: bool = False  # BatchNorm in train mode (batch statistics) instead of eval mode
     kwargs: dict[str, ScalarArg | list[ScalarArg]] = Field(default_factory=dict)
+    # how its forward pass runs (tlkd/distill/runtime.py): auto = the fastest of torch,
+    # channels_last and (logits-only teachers, tlkd[export] installed, CPU) onnxruntime,
+    # timed at the start
+    runtime: Literal["auto", "torch", "channels_last", "onnxruntime"] = "auto"
 
     @field_validator("pretrained", mode="before")
     @classmethod

@@ -8,6 +8,7 @@ optional train-mode BatchNorm, so the wrapper is written here.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import timm
@@ -67,6 +68,18 @@ class Teacher:
             shift = ((s_mean - t_mean) / t_std).view(1, -1, 1, 1)
             self.renorm = (scale, shift)
         self.tap: FeatureTap | None = None
+        self.runtime = "torch"  # tlkd/distill/runtime.py; set_runtime changes it
+        self._ort: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def set_runtime(self, runtime: str, example: torch.Tensor) -> None:
+        """Run the forward pass as ``runtime`` says (channels_last moves the model; onnxruntime
+        exports it, for logits only). ``example``: a batch of the run's shape."""
+        from tlkd.distill.runtime import OrtForward
+
+        self.runtime = runtime
+        layout = torch.channels_last if runtime == "channels_last" else torch.contiguous_format
+        self.model.to(memory_format=layout)
+        self._ort = OrtForward(self.model, example) if runtime == "onnxruntime" else None
 
     def to(self, device: torch.device) -> Teacher:
         self.model.to(device)
@@ -78,9 +91,16 @@ class Teacher:
         self.tap = FeatureTap(self.model, layers)
 
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        if self._ort is not None:  # onnxruntime: numpy in, a new (plain) tensor out
+            with torch.no_grad():
+                if self.renorm is not None:
+                    images = images * self.renorm[0] + self.renorm[1]
+                return self._ort(images), []
         with torch.inference_mode():
             if self.renorm is not None:
                 images = images * self.renorm[0] + self.renorm[1]
+            if self.runtime == "channels_last":
+                images = images.contiguous(memory_format=torch.channels_last)
             if self.tap is not None:
                 logits, feats = self.tap(images)
             else:

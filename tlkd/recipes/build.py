@@ -146,7 +146,7 @@ def build_experiment(
     log = log or _log
     clock = startup.for_build()
     source = cfg
-    r = Resolution(cfg, {**_first_choices(resume), **cfg.resolved})
+    r = Resolution(cfg, {**first_choices(resume), **cfg.resolved})
     for key, value in (implied or {}).items():
         r.set(key, value)
     cfg = r.cfg
@@ -226,7 +226,7 @@ def build_experiment(
     )  # fmt: skip
 
 
-def _first_choices(resume: Path | None) -> dict[str, Any]:
+def first_choices(resume: Path | None) -> dict[str, Any]:
     """What a resumed run's first start chose: its config.yaml's ``resolved`` section, or,
     for a run saved before that section existed, nothing (its values are in place)."""
     if resume is None or not (resume / CONFIG).is_file():

@@ -62,9 +62,6 @@ def distill(
             build_teacher(t, _teacher_key(cfg, i), exp.loaders.mean, exp.loaders.std).to(exp.device)
             for i, t in enumerate(cfg.teacher_list)
         ]
-    if cfg.train.channels_last is True:  # the student's chosen layout suits its teachers' convs too
-        for teacher in teachers:
-            teacher.model.to(memory_format=torch.channels_last)
     objective = Distillation(
         exp.model,
         teachers,
@@ -85,6 +82,7 @@ def distill(
         }
     )
     plan, info = [], []
+    plan += _resolve_runtimes(cfg, exp, teachers, resume, dry_run)
     for i, teacher in enumerate(teachers):
         # a teacher of the student's classes, or of a superset (its logits for the student's)
         usable, idx = class_index(teacher, exp.classes)
@@ -236,6 +234,58 @@ def _use_cache(cfg: Config, exp, teachers: list[Teacher], objective, reporter) -
         "files": [str(f) for f in bank.files],
         "build_s": round(bank.built_s, 3),
     }
+
+
+def _resolve_runtimes(
+    cfg: Config, exp, teachers: list[Teacher], resume: Path | None, dry_run: bool
+) -> list[str]:
+    """Each teacher's ``runtime`` (tlkd/distill/runtime.py): as set, or for ``auto`` the first
+    start's choice (a resume, a rerun of a saved config), else timed now (not in a dry run).
+    Recorded as a resolved value; returns the plan lines."""
+    from tlkd.distill import runtime as rt
+    from tlkd.engine.tune import has_conv
+    from tlkd.recipes.build import first_choices
+
+    first = {**first_choices(resume), **cfg.resolved}
+    shape = (
+        min(cfg.train.batch_size, 128), int(exp.model_cfg["input_size"][0]),
+        cfg.data.image_size, cfg.data.image_size,
+    )  # fmt: skip
+    lines, chosen = [], {}
+    for i, (teacher, t_cfg) in enumerate(zip(teachers, cfg.teacher_list, strict=True)):
+        key = f"{_teacher_key(cfg, i)}.runtime"
+        logits_only = teacher.tap is None and not t_cfg.train_bn
+        runtime = t_cfg.runtime
+        why = f"{runtime} ({key})"
+        if runtime == "auto" and key in first:
+            runtime = first[key]
+            why = f"{runtime} (as the run's first start chose)"
+        if runtime == "onnxruntime":
+            problem = (
+                "runs on the CPU only" if exp.device.type != "cpu"
+                else "serves logits only (this teacher feeds feature losses or has train_bn)"
+                if not logits_only
+                else None if rt.onnxruntime_available()
+                else "needs onnxruntime: pip install 'tlkd[export]'"
+            )  # fmt: skip
+            if problem is not None:
+                raise ConfigError(key, f"onnxruntime {problem}")
+        if runtime == "auto":
+            options = rt.candidates(exp.device, logits_only, has_conv(teacher.model))
+            if dry_run and len(options) > 1:
+                lines.append(f"teacher {i}   runtime auto (timed when the run starts)")
+                continue
+            runtime, why = rt.choose(
+                teacher.model, options, shape, exp.dtype, usable_cache_dir(cfg.data.cache_dir),
+                str(exp.device),
+            )  # fmt: skip
+        example = torch.zeros(shape)
+        teacher.set_runtime(runtime, example)
+        chosen[key] = runtime
+        lines.append(f"teacher {i}   runtime {why}")
+    if chosen:
+        exp.record(chosen)
+    return lines
 
 
 def _teacher_key(cfg: Config, i: int) -> str:

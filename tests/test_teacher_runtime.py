@@ -1,0 +1,89 @@
+"""teacher.runtime: the teacher's forward pass through PyTorch, channels_last or onnxruntime
+gives the same logits, trains the student, is timed for auto and recorded for a resume."""
+
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+import yaml
+from safetensors.torch import save_file
+
+import tlkd.models  # noqa: F401  registers the CIFAR models
+from tlkd.config import load_config
+from tlkd.distill.teacher import Teacher
+from tlkd.errors import ConfigError
+from tlkd.recipes.distill import distill
+
+pytest.importorskip("onnxruntime")
+
+SMALL = [
+    "data.dataset=digits", "data.image_size=16", "data.samples_per_class=6",
+    "data.num_workers=0", "train.batch_size=12", "train.epochs=1", "train.log_every=1000",
+    "train.precision=fp32", "train.channels_last=false", "model.name=resnet20",
+    "teacher.name=resnet20",
+]  # fmt: skip
+
+
+def _teacher(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    model = timm.create_model("resnet20", num_classes=10)
+    path = tmp_path / "teacher.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def test_every_runtime_gives_the_same_logits_and_gradients():
+    torch.manual_seed(0)
+    model = timm.create_model("resnet20", num_classes=10).eval()
+    x = torch.randn(6, 3, 16, 16)
+    student = torch.nn.Linear(3 * 16 * 16, 10)
+    out = {}
+    for runtime in ("torch", "channels_last", "onnxruntime"):
+        teacher = Teacher(model, None, "resnet20", False, (0.5,) * 3, (0.25,) * 3)
+        teacher.set_runtime(runtime, torch.zeros(4, 3, 16, 16))  # another batch size
+        logits, feats = teacher(x)
+        assert feats == [] and not logits.is_inference() and not logits.requires_grad
+        # the teacher's logits as a kd target: the student's gradient is computed from them
+        student.zero_grad()
+        s = student(x.flatten(1))
+        F.kl_div(F.log_softmax(s, 1), F.softmax(logits, 1), reduction="batchmean").backward()
+        out[runtime] = (logits, student.weight.grad.clone())
+    ref_logits, ref_grad = out["torch"]
+    for runtime, (logits, grad) in out.items():
+        torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4, msg=runtime)
+        torch.testing.assert_close(grad, ref_grad, atol=1e-5, rtol=1e-4, msg=runtime)
+
+
+def test_onnxruntime_teacher_trains_and_auto_is_timed_and_recorded(tmp_path):
+    file = _teacher(tmp_path)
+    base = [f"output_dir={tmp_path / 'runs'}", *SMALL, f"teacher.pretrained={file}"]
+    summary = distill(load_config(None, [*base, "teacher.runtime=onnxruntime", "experiment=ort"]))
+    assert summary["status"] == "finished" and summary["final_val_top1"] is not None
+    saved = yaml.safe_load((Path(summary["run_dir"]) / "config.yaml").read_text())
+    assert saved["resolved"]["teacher.runtime"] == "onnxruntime"
+    # auto: every candidate timed (the plan names them), the choice recorded for a resume
+    lines = []
+    from tlkd.engine.progress import Reporter
+
+    reporter = Reporter(1000)
+    reporter.print = lines.append
+    auto = distill(load_config(None, [*base, "experiment=auto"]), reporter=reporter)
+    shown = next(x for x in lines if x.startswith("teacher 0   runtime"))
+    assert all(name in shown for name in ("torch", "channels_last", "onnxruntime")), shown
+    saved = yaml.safe_load((Path(auto["run_dir"]) / "config.yaml").read_text())
+    assert saved["teacher"]["runtime"] == "auto"
+    assert saved["resolved"]["teacher.runtime"] in ("torch", "channels_last", "onnxruntime")
+    assert json.loads((Path(auto["run_dir"]) / "summary.json").read_text())["status"] == "finished"
+
+
+def test_onnxruntime_refuses_feature_teachers(tmp_path):
+    file = _teacher(tmp_path)
+    cfg = load_config(None, [
+        f"output_dir={tmp_path / 'runs'}", *SMALL, f"teacher.pretrained={file}",
+        "teacher.runtime=onnxruntime", "distill.losses=[{type: fitnet}, {type: ce}]",
+    ])  # fmt: skip
+    with pytest.raises(ConfigError, match="teacher.runtime: onnxruntime serves logits only"):
+        distill(cfg, dry_run=True)
