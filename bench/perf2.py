@@ -1,5 +1,6 @@
 """Issue 15's measurements: ``python -m bench.perf2 NAME [--repeats N]`` (see bench/README.md).
 
+    teacher_runtime  a resnet56's inference forward: torch, channels_last, onnxruntime
     decode      ms per JPEG (500 and 1,000 px): PIL vs simplejpeg, full and reduced scale
     startup     tlkd --help, a config error, and a training run's start-up by phase
     compile     torch.compile vs eager, fixed batch: resnet20, resnet18, mobilenetv3_small_100
@@ -297,7 +298,48 @@ def _pil(path: str, need: int):
         return np.asarray(img.convert("RGB"))
 
 
+def teacher_runtime(ctx) -> dict:
+    """ms per inference forward pass of a resnet56 (batch 64, 32 px, fp32, torch's threads):
+    each teacher.runtime, and torch.compile with inductor's freezing (not a runtime tlkd
+    offers: measured for comparison, compile time included)."""
+    import copy
+
+    import timm
+    import torch
+
+    import tlkd.models.cifar  # noqa: F401
+    from tlkd.distill import runtime as rt
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet56", num_classes=10).eval()
+    x = torch.randn(64, 3, 32, 32)
+    out: dict = {"threads": torch.get_num_threads()}
+    for name in rt.RUNTIMES:
+        times = [rt.time_runtime(name, model, x, None) * 1000 for _ in range(ctx["repeats"])]
+        out[name] = {"ms": _stats(times)}
+    import torch._inductor.config as inductor
+
+    inductor.freezing = True
+    t0 = time.perf_counter()
+    compiled = torch.compile(copy.deepcopy(model))
+    with torch.inference_mode():
+        compiled(x)
+        out["torch_compile_freezing"] = {"compile_s": time.perf_counter() - t0}
+        times = []
+        for _ in range(ctx["repeats"] * 3):
+            t = time.perf_counter()
+            compiled(x)
+            times.append((time.perf_counter() - t) * 1000)
+    out["torch_compile_freezing"]["ms"] = _stats(times)
+    base = out["torch"]["ms"]["median"]
+    for v in out.values():
+        if isinstance(v, dict):
+            v["speedup"] = base / v["ms"]["median"]
+    return out
+
+
 COMPARISONS = {
+    "teacher_runtime": teacher_runtime,
     "decode": decode_speed,
     "startup": startup,
     "compile": compile_,

@@ -3,8 +3,8 @@ in channels_last (``channels_last``), or an onnxruntime session of the exported 
 (``onnxruntime``).
 
 A teacher never trains, so an inference engine may run it: on this project's 2-core CPU a
-resnet56 forward pass (batch 64, fp32) took 326 ms in PyTorch, 247 ms in channels_last and
-123 ms through onnxruntime (docs/performance.md section 10), and in distillation the teacher's
+resnet56 forward pass (batch 64, fp32) took 319 ms in PyTorch, 267 ms in channels_last and
+124 ms through onnxruntime (docs/performance.md section 10), and in distillation the teacher's
 forward pass is about half of every step. ``auto`` times each candidate on a batch of the
 run's shape at the start (a few seconds) and keeps the fastest when it wins by 10%, on CPUs;
 the choice is remembered in the cache folder like ``precision: auto``'s. onnxruntime serves
