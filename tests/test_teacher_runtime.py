@@ -9,7 +9,7 @@ import timm
 import torch
 import torch.nn.functional as F
 import yaml
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import tlkd.models  # noqa: F401  registers the CIFAR models
 from tlkd.config import load_config
@@ -77,6 +77,14 @@ def test_onnxruntime_teacher_trains_and_auto_is_timed_and_recorded(tmp_path):
     assert saved["teacher"]["runtime"] == "auto"
     assert saved["resolved"]["teacher.runtime"] in ("torch", "channels_last", "onnxruntime")
     assert json.loads((Path(auto["run_dir"]) / "summary.json").read_text())["status"] == "finished"
+    # a second run finds the choice remembered and measures nothing: the same student, so
+    # measuring left the random numbers drawn afterwards alone
+    lines.clear()
+    again = distill(load_config(None, [*base, "experiment=again"]), reporter=reporter)
+    assert "measured before" in next(x for x in lines if x.startswith("teacher 0   runtime"))
+    a = load_file(Path(auto["run_dir"]) / "model.safetensors")
+    b = load_file(Path(again["run_dir"]) / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_onnxruntime_refuses_feature_teachers(tmp_path):
@@ -87,3 +95,22 @@ def test_onnxruntime_refuses_feature_teachers(tmp_path):
     ])  # fmt: skip
     with pytest.raises(ConfigError, match="teacher.runtime: onnxruntime serves logits only"):
         distill(cfg, dry_run=True)
+
+
+def test_timing_leaves_the_global_random_numbers_alone():
+    """A run that times its candidates must continue like one that remembers the choice:
+    neither teacher.runtime's nor precision/channels_last's timing moves the global RNG (the
+    timed training steps run dropout; the timing batch is random)."""
+    from tlkd.distill import runtime as rt
+    from tlkd.engine import tune
+
+    model = timm.create_model("resnet20", num_classes=10, drop_rate=0.5)
+    torch.manual_seed(1)
+    state = torch.get_rng_state()
+    rt.choose(model.eval(), ["torch", "channels_last"], (4, 3, 16, 16), None, None, "cpu")
+    assert torch.equal(torch.get_rng_state(), state)
+    chosen = tune.choose(
+        "fp32", "auto", model.train(), torch.device("cpu"), (4, 3, 16, 16), True,
+        lambda m: None, None,
+    )  # fmt: skip
+    assert chosen[0] == "fp32" and torch.equal(torch.get_rng_state(), state)

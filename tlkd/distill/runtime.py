@@ -111,13 +111,16 @@ def choose(
     known = tune._read(cache_dir)
     if key in known:
         return known[key][0], f"{known[key][0]} (measured before, {tune.TUNE_FILE})"
-    batch = torch.randn(batch_shape)
+    # its own generator: a run that measures and one that remembers must draw the same
+    # random numbers afterwards (heads and projectors are initialised after this)
+    batch = torch.randn(batch_shape, generator=torch.Generator().manual_seed(0))
     timings = []
-    for runtime in options:
-        try:
-            timings.append((runtime, time_runtime(runtime, model, batch, dtype)))
-        except Exception:  # noqa: BLE001 - an export or session that fails is no candidate
-            continue
+    with torch.random.fork_rng(devices=[]):  # a measuring run continues like a remembering one
+        for runtime in options:
+            try:
+                timings.append((runtime, time_runtime(runtime, model, batch, dtype)))
+            except Exception:  # noqa: BLE001 - an export or session that fails is no candidate
+                continue
     base = timings[0][1]
     best, best_t = timings[0]
     for runtime, t in timings[1:]:

@@ -115,7 +115,10 @@ def choose(
                 f"(measured before, {cache_dir / TUNE_FILE})"
             )
         else:
-            chosen, timings = _measure(model, device, batch_shape, train, precisions, layouts)
+            # the RNG as it was after: dropout in the timed steps draws from it, and a run that
+            # measures must continue like one that remembers
+            with torch.random.fork_rng(devices=[]):
+                chosen, timings = _measure(model, device, batch_shape, train, precisions, layouts)
             shown = ", ".join(
                 f"{p}{'+cl' if c else ''} {1 / t:.1f} steps/s" for (p, c), t in timings
             )
@@ -177,7 +180,9 @@ def _measure(model, device, batch_shape, train, precisions, layouts):
     probe = copy.deepcopy(model)  # BatchNorm statistics and gradients of the real model untouched
     for p in probe.parameters():
         p.requires_grad_(True)
-    batch = torch.randn(batch_shape, device=device)
+    # its own generator: a run that measures and one that remembers the choice must draw the
+    # same random numbers afterwards (what is initialised after the build)
+    batch = torch.randn(batch_shape, generator=torch.Generator().manual_seed(0)).to(device)
     # one plain step on 4 images sizes the batch: a ResNet-50 at 224 px would otherwise take
     # minutes here (20 steps of batch 64 on 2 cores); a CIFAR model keeps its real batch
     per_image = step_time(probe, batch[:4], None, False, train, steps=1, warmup=1) / 4
