@@ -59,7 +59,10 @@ def test_every_runtime_gives_the_same_logits_and_gradients():
 
 def test_onnxruntime_teacher_trains_and_auto_is_timed_and_recorded(tmp_path):
     file = _teacher(tmp_path)
-    base = [f"output_dir={tmp_path / 'runs'}", *SMALL, f"teacher.pretrained={file}"]
+    base = [
+        f"output_dir={tmp_path / 'runs'}", *SMALL, f"teacher.pretrained={file}",
+        f"data.cache_dir={tmp_path / 'cache'}",  # nothing remembered from other tests
+    ]  # fmt: skip
     summary = distill(load_config(None, [*base, "teacher.runtime=onnxruntime", "experiment=ort"]))
     assert summary["status"] == "finished" and summary["final_val_top1"] is not None
     saved = yaml.safe_load((Path(summary["run_dir"]) / "config.yaml").read_text())

@@ -253,6 +253,7 @@ def test_function_matching_shows_teacher_and_student_the_same_mixed_images(tmp_p
         "experiment=fm",
         "distill.losses=[{type: kd, temperature: 1.0}]",
         "distill.function_matching.mixup_alpha=1.0",
+        "teacher.runtime=torch",  # the hooks below watch the PyTorch teacher
     )
     seen: dict[str, list[torch.Tensor]] = {"student": [], "teacher": [], "loader": []}
     real = distill.__globals__["Distillation"].forward
