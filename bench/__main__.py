@@ -140,6 +140,19 @@ def repeat(n: int, fn: Callable[[], float]) -> dict:
     }
 
 
+def header(command: str) -> dict:
+    """What every results file starts with: the machine, the command, the date."""
+    return {
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+        },
+        "command": command,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+
+
 def ratio(a: dict, b: dict) -> float:
     return a["median"] / b["median"]
 
@@ -427,15 +440,7 @@ def main() -> None:
         "val_small": subset("test", 20),  # 200 images: the val pass after each epoch
         "repeats": args.repeats,
     }
-    results = {
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(),
-            "python": platform.python_version(),
-        },
-        "command": f"python -m bench {args.suite} --repeats {args.repeats}",
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-    }
+    results = header(f"python -m bench {args.suite} --repeats {args.repeats}")
     with tempfile.TemporaryDirectory(prefix="tlkd-bench-") as tmp:
         ctx["tmp"] = Path(tmp)
         for name in names:

@@ -69,17 +69,21 @@ def _step(model, opt, x, y, args) -> None:
     opt.zero_grad(set_to_none=True)
 
 
-def train_files(args) -> dict:
+def _train_loader(args) -> torch.utils.data.DataLoader:
     # the transform tlkd builds for this config, made the way a timm user would
     tf = create_transform(
         args.size, is_training=True, scale=(0.7, 1.0), hflip=0.5, color_jitter=None,
         use_prefetcher=args.uint8,
     )  # fmt: skip
-    norm = _BatchNormalize(args)
     ds = datasets.ImageFolder(args.train, tf)
-    loader = torch.utils.data.DataLoader(
+    return torch.utils.data.DataLoader(
         ds, args.batch_size, shuffle=True, num_workers=args.workers, drop_last=True
     )
+
+
+def train_files(args) -> dict:
+    norm = _BatchNormalize(args)
+    loader = _train_loader(args)
     model = _model(args).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     seen = 0
@@ -111,15 +115,8 @@ def train_fixed(args) -> dict:
 def kd_files(args) -> dict:
     from safetensors.torch import load_file
 
-    tf = create_transform(
-        args.size, is_training=True, scale=(0.7, 1.0), hflip=0.5, color_jitter=None,
-        use_prefetcher=args.uint8,
-    )  # fmt: skip
     norm = _BatchNormalize(args)
-    ds = datasets.ImageFolder(args.train, tf)
-    loader = torch.utils.data.DataLoader(
-        ds, args.batch_size, shuffle=True, num_workers=args.workers, drop_last=True
-    )
+    loader = _train_loader(args)
     teacher = _model(args, args.teacher).eval()
     if args.teacher_weights:
         teacher.load_state_dict(load_file(args.teacher_weights))

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import tempfile
@@ -33,6 +32,7 @@ from bench.__main__ import (
     WORK,
     _stats,
     handloop,
+    header,
     log,
     ratio,
     repeat,
@@ -359,15 +359,7 @@ def main() -> None:
         "val_small": subset("test", 20),
         "repeats": args.repeats,
     }
-    results = {
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(),
-            "python": platform.python_version(),
-        },
-        "command": f"python -m bench.perf2 {args.name} --repeats {args.repeats}",
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-    }
+    results = header(f"python -m bench.perf2 {args.name} --repeats {args.repeats}")
     with tempfile.TemporaryDirectory(prefix="tlkd-perf2-") as tmp:
         ctx["tmp"] = Path(tmp)
         t0 = time.perf_counter()

@@ -261,3 +261,14 @@ def trained_run(tmp_path_factory) -> TrainedRun:
     run = TrainedRun(root, train, val, config, result.output)
     assert run.dir.is_dir(), result.output
     return run
+
+
+def timm_weights(path: Path, name: str, num_classes: int, seed: int = 0) -> Path:
+    """A weights file of a freshly initialised timm model (seeded): a teacher for tests."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    model = timm.create_model(name, num_classes=num_classes)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path

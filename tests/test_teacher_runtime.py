@@ -9,7 +9,8 @@ import timm
 import torch
 import torch.nn.functional as F
 import yaml
-from safetensors.torch import load_file, save_file
+from conftest import timm_weights
+from safetensors.torch import load_file
 
 import tlkd.models  # noqa: F401  registers the CIFAR models
 from tlkd.config import load_config
@@ -28,11 +29,7 @@ SMALL = [
 
 
 def _teacher(tmp_path: Path) -> Path:
-    torch.manual_seed(0)
-    model = timm.create_model("resnet20", num_classes=10)
-    path = tmp_path / "teacher.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return path
+    return timm_weights(tmp_path / "teacher.safetensors", "resnet20", 10)
 
 
 def test_every_runtime_gives_the_same_logits_and_gradients():
