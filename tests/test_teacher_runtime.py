@@ -114,3 +114,51 @@ def test_timing_leaves_the_global_random_numbers_alone():
         lambda m: None, None,
     )  # fmt: skip
     assert chosen[0] == "fp32" and torch.equal(torch.get_rng_state(), state)
+
+
+def test_resume_may_change_the_runtime_and_survives_onnxruntime_going_missing(
+    tmp_path, monkeypatch, cli
+):
+    """A run whose first start chose onnxruntime resumes where onnxruntime is gone (timed
+    again, no error), and a resume may set another runtime (the same computation)."""
+    from tlkd.distill import runtime as rt
+
+    file = _teacher(tmp_path)
+    over = [
+        f"output_dir={tmp_path / 'runs'}", *SMALL, f"teacher.pretrained={file}",
+        "experiment=first", "teacher.runtime=onnxruntime",
+    ]  # fmt: skip
+    first = distill(load_config(None, over))
+    run = Path(first["run_dir"])
+    # as if the first start's auto had chosen onnxruntime: config says auto, resolved says ort
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    saved["teacher"]["runtime"] = "auto"
+    (run / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    monkeypatch.setattr(rt, "onnxruntime_available", lambda: False)
+    result = cli("distill", "--resume", run, "train.epochs=2")
+    assert result.exit_code == 0, result.output
+    assert "runtime torch" in result.output or "runtime channels_last" in result.output
+    result = cli("distill", "--resume", run, "train.epochs=3", "teacher.runtime=torch")
+    assert result.exit_code == 0, result.output
+    assert "runtime torch (teacher.runtime)" in result.output
+
+
+def test_a_teacher_onnxruntime_cannot_run_is_one_clear_error(tmp_path, monkeypatch, cli):
+    from tlkd.distill import runtime as rt
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Exporting the operator 'aten::weird' to ONNX is not supported\nmore")
+
+    monkeypatch.setattr(rt.OrtForward, "__init__", broken)
+    file = _teacher(tmp_path)
+    config = tmp_path / "ort.yaml"
+    config.write_text("experiment: ort\n")
+    result = cli(
+        "distill", config, f"output_dir={tmp_path / 'runs'}", *SMALL,
+        f"teacher.pretrained={file}", "teacher.runtime=onnxruntime",
+    )  # fmt: skip
+    assert result.exit_code == 2
+    assert (
+        "error: teacher.runtime: could not run this teacher as onnxruntime: Exporting the "
+        "operator 'aten::weird' to ONNX is not supported"
+    ) in result.output

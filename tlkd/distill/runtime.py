@@ -35,16 +35,23 @@ class OrtForward:
         import onnxruntime as ort
 
         buf = io.BytesIO()
+        kwargs = dict(
+            input_names=["images"], output_names=["logits"],
+            dynamic_axes={"images": {0: "batch"}},
+        )  # fmt: skip
         with warnings.catch_warnings():  # torch's notice that this exporter is the old one
             warnings.simplefilter("ignore")
-            torch.onnx.export(
-                model.float().eval(), (example.float(),), buf, input_names=["images"],
-                output_names=["logits"], dynamic_axes={"images": {0: "batch"}},
-                dynamo=False,
-            )  # fmt: skip
+            try:
+                torch.onnx.export(
+                    model.float().eval(), (example.float(),), buf, dynamo=False, **kwargs
+                )
+            except TypeError:  # a torch without the dynamo switch: its exporter is this one
+                torch.onnx.export(model.float().eval(), (example.float(),), buf, **kwargs)
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         options.inter_op_num_threads = 1
+        # no busy-waiting between calls: the student's steps need those cores
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(
             buf.getvalue(), options, providers=["CPUExecutionProvider"]
         )
@@ -62,12 +69,23 @@ def onnxruntime_available() -> bool:
     return True
 
 
+def unusable(device: torch.device, logits_only: bool) -> str | None:
+    """Why onnxruntime cannot run this teacher here (None: it can)."""
+    if device.type != "cpu":
+        return "runs on the CPU only"
+    if not logits_only:
+        return "serves logits only (this teacher feeds feature losses or has train_bn)"
+    if not onnxruntime_available():
+        return "needs onnxruntime: pip install 'tlkd[export]'"
+    return None
+
+
 def candidates(device: torch.device, logits_only: bool, has_conv: bool) -> list[str]:
     """The runtimes ``auto`` times for a teacher on ``device``."""
     if device.type != "cpu":
         return ["channels_last" if has_conv and device.type == "cuda" else "torch"]
     out = ["torch"] + (["channels_last"] if has_conv else [])
-    if logits_only and onnxruntime_available():
+    if unusable(device, logits_only) is None:
         out.append("onnxruntime")
     return out
 
@@ -107,20 +125,25 @@ def choose(
     plan's account of it; remembered in ``cache_dir`` for the same teacher, shapes and machine."""
     if len(options) == 1:
         return options[0], f"{options[0]} (the only candidate here)"
-    key = "teacher|" + tune._key(model, batch_shape, False, [key_extra], options)
+    key = "teacher|" + tune._key(model, batch_shape, False, [key_extra, str(dtype)], options)
     known = tune._read(cache_dir)
-    if key in known:
+    if key in known and known[key][0] in options:
         return known[key][0], f"{known[key][0]} (measured before, {tune.TUNE_FILE})"
     # its own generator: a run that measures and one that remembers must draw the same
     # random numbers afterwards (heads and projectors are initialised after this)
     batch = torch.randn(batch_shape, generator=torch.Generator().manual_seed(0))
     timings = []
     with torch.random.fork_rng(devices=[]):  # a measuring run continues like a remembering one
+        # one pass on 4 images sizes the batch, so a large teacher is timed in seconds too
+        per_image = time_runtime("torch", model, batch[:4], dtype) / 4
+        batch = batch[: max(4, min(len(batch), int(tune.STEP_BUDGET_S / max(per_image, 1e-9))))]
         for runtime in options:
             try:
                 timings.append((runtime, time_runtime(runtime, model, batch, dtype)))
             except Exception:  # noqa: BLE001 - an export or session that fails is no candidate
                 continue
+    if not timings or timings[0][0] != options[0]:  # the plain runtime itself failed
+        return options[0], f"{options[0]} (the others could not be timed)"
     base = timings[0][1]
     best, best_t = timings[0]
     for runtime, t in timings[1:]:

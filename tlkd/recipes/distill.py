@@ -31,7 +31,7 @@ from tlkd.engine.distributed import gather_cat
 from tlkd.engine.inference import classification_metrics
 from tlkd.engine.progress import Reporter
 from tlkd.engine.speed import measure_speed
-from tlkd.errors import ConfigError
+from tlkd.errors import ConfigError, first_line
 from tlkd.models.factory import count_params
 from tlkd.recipes.build import build_experiment, subset_seed
 from tlkd.recipes.runner import train
@@ -82,7 +82,7 @@ def distill(
         }
     )
     plan, info = [], []
-    plan += _resolve_runtimes(cfg, exp, teachers, resume, dry_run)
+    plan += _resolve_runtimes(cfg, exp, teachers, resume, dry_run, objective)
     for i, teacher in enumerate(teachers):
         # a teacher of the student's classes, or of a superset (its logits for the student's)
         usable, idx = class_index(teacher, exp.classes)
@@ -237,50 +237,62 @@ def _use_cache(cfg: Config, exp, teachers: list[Teacher], objective, reporter) -
 
 
 def _resolve_runtimes(
-    cfg: Config, exp, teachers: list[Teacher], resume: Path | None, dry_run: bool
+    cfg: Config, exp, teachers: list[Teacher], resume: Path | None, dry_run: bool, objective
 ) -> list[str]:
     """Each teacher's ``runtime`` (tlkd/distill/runtime.py): as set, or for ``auto`` the first
-    start's choice (a resume, a rerun of a saved config), else timed now (not in a dry run).
-    Recorded as a resolved value; returns the plan lines."""
+    start's choice where it still works here (a resume, a rerun of a saved config), else timed
+    now (not in a dry run; on the main process, the others take its choice). Recorded as a
+    resolved value; returns the plan lines."""
     from tlkd.distill import runtime as rt
+    from tlkd.engine import distributed
     from tlkd.engine.tune import has_conv
     from tlkd.recipes.build import first_choices
 
     first = {**first_choices(resume), **cfg.resolved}
     shape = (
-        min(cfg.train.batch_size, 128), int(exp.model_cfg["input_size"][0]),
-        cfg.data.image_size, cfg.data.image_size,
+        min(cfg.train.batch_size // distributed.info().world, 128),
+        int(exp.model_cfg["input_size"][0]), cfg.data.image_size, cfg.data.image_size,
     )  # fmt: skip
     lines, chosen = [], {}
     for i, (teacher, t_cfg) in enumerate(zip(teachers, cfg.teacher_list, strict=True)):
         key = f"{_teacher_key(cfg, i)}.runtime"
         logits_only = teacher.tap is None and not t_cfg.train_bn
-        runtime = t_cfg.runtime
-        why = f"{runtime} ({key})"
-        if runtime == "auto" and key in first:
-            runtime = first[key]
-            why = f"{runtime} (as the run's first start chose)"
+        runtime, why = t_cfg.runtime, f"{t_cfg.runtime} ({key})"
         if runtime == "onnxruntime":
-            problem = (
-                "runs on the CPU only" if exp.device.type != "cpu"
-                else "serves logits only (this teacher feeds feature losses or has train_bn)"
-                if not logits_only
-                else None if rt.onnxruntime_available()
-                else "needs onnxruntime: pip install 'tlkd[export]'"
-            )  # fmt: skip
+            problem = rt.unusable(exp.device, logits_only)
             if problem is not None:
                 raise ConfigError(key, f"onnxruntime {problem}")
+        # the first start's choice, unless it cannot run here (then timed again)
+        if (
+            runtime == "auto"
+            and first.get(key) in rt.RUNTIMES
+            and (first[key] != "onnxruntime" or rt.unusable(exp.device, logits_only) is None)
+        ):
+            runtime, why = first[key], f"{first[key]} (as the run's first start chose)"
         if runtime == "auto":
             options = rt.candidates(exp.device, logits_only, has_conv(teacher.model))
+            if not objective.uses_teacher[i]:  # read by no loss: nothing to gain
+                options = options[:1]
             if dry_run and len(options) > 1:
                 lines.append(f"teacher {i}   runtime auto (timed when the run starts)")
                 continue
-            runtime, why = rt.choose(
-                teacher.model, options, shape, exp.dtype, usable_cache_dir(cfg.data.cache_dir),
-                str(exp.device),
+            runtime, why = distributed.broadcast(
+                rt.choose(
+                    teacher.model, options, shape, exp.dtype,
+                    usable_cache_dir(cfg.data.cache_dir), str(exp.device),
+                )
+                if distributed.info().is_main or len(options) == 1
+                else None
             )  # fmt: skip
-        example = torch.zeros(shape)
-        teacher.set_runtime(runtime, example)
+        if dry_run and runtime == "onnxruntime":  # exported when the run starts
+            lines.append(f"teacher {i}   runtime {why}")
+            continue
+        try:
+            teacher.set_runtime(runtime, torch.zeros(shape))
+        except Exception as err:  # noqa: BLE001 - the exporter's or onnxruntime's own errors
+            raise ConfigError(
+                key, f"could not run this teacher as {runtime}: {first_line(err)}"
+            ) from None
         chosen[key] = runtime
         lines.append(f"teacher {i}   runtime {why}")
     if chosen:

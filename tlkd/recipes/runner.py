@@ -213,7 +213,7 @@ def check_resumable(run: RunDir, exp: Experiment) -> None:
         saved = {**flatten(resolved_dict(Config())), **saved}
     now = flatten(saved_config(exp))
     # what may change on resume: the epochs, where files go, tracking, checkpoint keeping,
-    # torch.compile (the same computation, compiled or not)
+    # torch.compile and a teacher's runtime (the same computation, run another way)
     ignored = {"train.epochs", "output_dir", "experiment", "data.cache_dir"}
     ignored |= {"train.keep_checkpoint", "train.compile"}
     differ = sorted(
@@ -221,6 +221,7 @@ def check_resumable(run: RunDir, exp: Experiment) -> None:
         for k in saved.keys() | now.keys()
         if k not in ignored
         and not k.startswith(("resolved.", "tracking."))
+        and not (k.startswith(("teacher.", "teachers.")) and k.endswith(".runtime"))
         and saved.get(k) != now.get(k)
     )
     if differ:
