@@ -401,6 +401,8 @@ def test_superset_teacher_run_dir_in_plan_and_training(tmp_path, capsys):
     assert "val top-1 n/a" not in plan
     summary = distill(_cfg(tmp_path, *base, "distill.cache.views=1", "experiment=cached"))
     assert summary["teachers"][0]["val_top1"] is not None
+    # the teacher's val pass and the runtime timing are start-up phases of their own
+    assert {"teachers", "teacher_runtime", "teacher_val"} <= summary["startup_s"].keys()
     row = json.loads((Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()[0])
     assert 0.0 <= row["train_teacher_top1"] <= 100.0 and "train_loss_dkd" in row
 

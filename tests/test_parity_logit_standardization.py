@@ -243,7 +243,9 @@ def test_several_teachers_are_standardized_before_the_ensemble():
     student = timm.create_model("resnet20", num_classes=10).eval()
     losses = [
         LossConfig(type="kd", temperature=2.0, standardize=True),
-        LossConfig(type="dkd", warmup_epochs=0, standardize=True),
+        LossConfig(
+            type="dkd", warmup_epochs=0, standardize=True, temperature=4.0, alpha=1.0, beta=8.0
+        ),
         LossConfig(type="dist", temperature=3.0, standardize=True),
     ]
     objective = _objective(student, teachers, losses, (3.0, 1.0))

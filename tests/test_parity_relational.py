@@ -315,6 +315,15 @@ def test_rkd_pkt_sp_run_in_a_tiny_distillation_from_yaml(tmp_path, write_config,
     for name in ("rkd", "pkt", "sp", "ce"):
         value = rows[0][f"train_loss_{name}"]
         assert math.isfinite(value) and value > 0, (name, value)
+    # the plan names each term's reference, settings and layers (from the registry)
+    plan = {ln[:11].strip(): ln[12:] for ln in proc.stdout.splitlines() if ln[:11].strip()}
+    assert "distance_weight 25; angle_weight 50; layers ['pre_logits']" in plan["rkd"]
+    assert plan["pkt"].startswith("probabilistic knowledge transfer (Passalis & Tefas 2018)")
+    assert "layers [3] -> teacher [4]" in plan["sp"]
+    # rkd's two terms are logged apart (weighted as in the sum) and add up to it
+    distance, angle = rows[0]["train_loss_rkd_distance"], rows[0]["train_loss_rkd_angle"]
+    assert distance > 0 and angle > 0
+    assert distance + angle == pytest.approx(rows[0]["train_loss_rkd"], rel=1e-5)
     resolved = effective(load_config(run / "config.yaml")).distill.losses
     assert [(loss.student_layers, loss.teacher_layers) for loss in resolved[:3]] == [
         (["pre_logits"], ["pre_logits"]),

@@ -106,3 +106,46 @@ def test_config_errors_do_not_load_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["ConfigError", "False", "False"], out.stdout + out.stderr
+
+
+# RepDistiller scripts/run_cifar_distill.sh (-b per method) and README (crd -b 0.8); 1 for the
+# rest (mdistiller's DKD / ReviewKD weights, DIST's and RKD's inner weights)
+REFERENCE_WEIGHTS = {"fitnet": 100.0, "at": 1000.0, "sp": 3000.0, "pkt": 30000.0, "crd": 0.8}
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_an_unweighted_term_takes_its_references_weight(name):
+    assert LossConfig(type=name).weight == REFERENCE_WEIGHTS.get(name, 1.0)
+    assert LossConfig(type=name, weight=0.5).weight == 0.5  # an explicit weight wins
+
+
+def test_standardize_takes_the_authors_settings_where_unset():
+    """sunshangquan/logit-standardization-KD, tools/train.py defaults and README: base
+    temperature 2, KD weight 9; for DKD the weight multiplies alpha (1) and beta (8)."""
+    kd = LossConfig(type="kd", standardize=True)
+    assert (kd.temperature, kd.weight) == (2.0, 9.0)
+    dkd = LossConfig(type="dkd", standardize=True)
+    assert (dkd.temperature, dkd.alpha, dkd.beta, dkd.weight) == (2.0, 9.0, 72.0, 1.0)
+    assert LossConfig(type="kd", standardize=True, temperature=3.0, weight=1.0).weight == 1.0
+    plain = LossConfig(type="dkd")
+    assert (plain.temperature, plain.alpha, plain.beta) == (4.0, 1.0, 8.0)
+
+
+def test_every_shipped_config_validates_and_the_ls_rows_are_the_defaults():
+    """Each YAML under configs/ loads; kd-ls and dkd-ls differ from the ``standardize: true``
+    defaults only where they say why (dkd-ls: its 2-epoch warm-up of an 8-epoch budget)."""
+    from conftest import REPO
+
+    from tlkd.config.loader import load_config
+
+    shipped = sorted((REPO / "configs").rglob("*.yaml"))
+    assert len(shipped) > 30
+    for path in shipped:
+        load_config(path)
+    folder = REPO / "configs" / "cifar10-distill"
+    assert load_config(folder / "kd-ls.yaml").distill.losses[0] == LossConfig(
+        type="kd", standardize=True
+    )
+    assert load_config(folder / "dkd-ls.yaml").distill.losses[0] == LossConfig(
+        type="dkd", standardize=True, warmup_epochs=2
+    )

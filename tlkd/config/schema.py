@@ -311,7 +311,7 @@ class _LossBase(Section):
     defaults come from the registry (tlkd/distill/registry.py): see ``LossConfig`` below."""
 
     type: str
-    weight: NonNegativeFloat = 1.0
+    weight: NonNegativeFloat | None = None  # default: the loss type's reference weight
     teacher: NonNegativeInt | None = None  # which teacher; default: all (one ensemble)
     # features losses: default the last 3 stages (at, summed), or the hint layer (fitnet)
     student_layers: list[LayerSpec] | None = None
@@ -325,7 +325,13 @@ class _LossBase(Section):
     @model_validator(mode="after")
     def _fits_type(self) -> _LossBase:
         entry = LOSSES[self.type]
+        if getattr(self, "standardize", None) and entry.standardized:
+            for key, value in entry.standardized.items():  # the authors' settings, if unset
+                if getattr(self, key) is None:
+                    self.__dict__[key] = value  # still validating: frozen fields via __dict__
         fill_params(self, entry, LOSS_PARAMS, f"loss type {self.type!r}")
+        if self.weight is None:
+            self.__dict__["weight"] = entry.weight
         if entry.inputs != "features":
             for key in ("student_layers", "teacher_layers"):
                 if getattr(self, key) is not None:
@@ -410,6 +416,9 @@ class DistillConfig(Section):
                     f"and only label-free logit losses apply (kd, as the paper; dist, hard), "
                     f"not {loss.type!r}"
                 )
+            if "temperature" in entry.params and "temperature" not in loss.model_fields_set:
+                # the paper's kl at t=1 (big_vision bit_i1k.py), not the loss type's default
+                loss.__dict__["temperature"] = 1.0
         return self
 
 

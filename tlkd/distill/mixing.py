@@ -4,7 +4,8 @@
 the teacher's function on mixed-up images (kd at T=1, no labels, long schedules): both models
 see the very same image, mixed inside the batch, every step. big_vision's reference config
 (``configs/proj/distill/bit_i1k.py``) mixes with ``mixup p=1.0`` (one coefficient per batch,
-drawn uniformly) and ``kl`` at ``t=1``.
+drawn uniformly, then ``max(a, 1 - a)`` so each image keeps the larger share: ``utils.get_mixup``)
+and ``kl`` at ``t=1``.
 
 timm's ``Mixup`` mixes labels too and requires an even batch (it mixes the batch with itself
 reversed, which leaves the middle image of an odd batch unmixed); here only the images are
@@ -38,7 +39,10 @@ class BatchMix:
             self.mixup_alpha == 0 or np.random.rand() < self.switch_prob
         )
         alpha = self.cutmix_alpha if use_cutmix else self.mixup_alpha
-        return float(np.random.beta(alpha, alpha)), use_cutmix
+        lam = float(np.random.beta(alpha, alpha))
+        # mixup: each image keeps the larger share (big_vision's get_mixup), so the unmixed
+        # labels train_top1 reads stay the images' dominant ones; CutMix: timm's box from lam
+        return (lam if use_cutmix else max(lam, 1.0 - lam)), use_cutmix
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         lam, use_cutmix = self._draw()

@@ -236,8 +236,12 @@ class Distillation(Objective):
         parts: dict[str, torch.Tensor] = {}
         for i, loss in enumerate(self.losses):
             student = dist_logits if self.entries[i].head == "dist" else logits
-            value = self._term(i, loss, student, s_feat, t_out, targets) * self.warmup_factor(loss)
+            factor = self.warmup_factor(loss)
+            value = self._term(i, loss, student, s_feat, t_out, targets) * factor
             parts[self.names[i]] = value.detach()
+            # a term made of several (its ``parts``, e.g. rkd's distance and angle): each logged
+            for sub, part in getattr(self.terms[i], "parts", {}).items():
+                parts[f"{self.names[i]}_{sub}"] = part * factor
             total = total + loss.weight * value
         if dist_logits is not None:  # what the model predicts: the mean of its two heads
             logits = (logits + dist_logits) / 2

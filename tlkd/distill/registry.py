@@ -20,10 +20,17 @@ A term gets, by ``inputs``:
   ``embedding`` the pooled features the classifier reads (layer name ``pre_logits``),
   ``review`` the last three stages and ``pre_logits``.
 
+A term's ``weight`` defaults to its reference's: RepDistiller's ``-b`` of the same method
+(fitnet 100, at 1000, sp 3000, pkt 30000, crd 0.8; its README and
+scripts/run_cifar_distill.sh), 1 elsewhere (mdistiller's DKD and ReviewKD weights, DIST's
+and RKD's inner weights).
+
 A term whose config has ``warmup_epochs`` is ramped by the objective, ``x min(epoch / n, 1)``.
 A logit term whose config has ``standardize`` true (logit standardization, Sun et al. 2024)
 gets z-scored logits: the student's, and each teacher's before the ensemble (the objective
-does it, the term does not); ``temperature`` is then the base temperature.
+does it, the term does not); ``temperature`` is then the base temperature, and the unset keys
+take the authors' settings (sunshangquan/logit-standardization-KD, README and tools/train.py:
+base temperature 2, KD weight 9, which multiplies DKD's alpha and beta).
 """
 
 from __future__ import annotations
@@ -42,6 +49,10 @@ class LossEntry(Entry):
     needs_labels: bool = False  # a logit loss that also reads the ground truth (dkd)
     head: Literal["class", "dist"] = "class"  # logits: "dist", a DeiT student's distillation head
     layers: Literal["stages", "hint", "last", "embedding", "review"] = "stages"  # the default
+    # the term's weight when the config gives none: the reference's (RepDistiller's ``-b``)
+    weight: float = 1.0
+    # defaults that replace the entry's when ``standardize: true`` (the authors' settings)
+    standardized: dict[str, float] | None = None
 
 
 Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
@@ -54,6 +65,7 @@ LOSSES: dict[str, LossEntry] = {
     "kd": LossEntry(
         "tlkd.distill.losses.kd:KD", "softmax distillation (Hinton et al. 2015)",
         {"temperature": (PositiveFloat, 4.0), "standardize": (bool, False)},
+        standardized={"temperature": 2.0, "weight": 9.0},
     ),
     "hard": LossEntry(
         "tlkd.distill.losses.hard:Hard", "cross-entropy on the teacher's top class",
@@ -68,6 +80,7 @@ LOSSES: dict[str, LossEntry] = {
             "standardize": (bool, False),  # logit standardization (Sun et al. 2024)
         },
         needs_labels=True,
+        standardized={"temperature": 2.0, "alpha": 9.0, "beta": 72.0},  # x9: the KD weight
     ),
     "dist": LossEntry(
         "tlkd.distill.losses.dist:DIST", "DIST (Huang et al. 2022)",
@@ -87,11 +100,11 @@ LOSSES: dict[str, LossEntry] = {
     "fitnet": LossEntry(
         "tlkd.distill.losses.fitnet:FitNet",
         "FitNet hints (Romero et al. 2015, RepDistiller ConvReg)", inputs="features",
-        layers="hint",
+        layers="hint", weight=100.0,
     ),
     "at": LossEntry(
         "tlkd.distill.losses.at:AT", "attention transfer (Zagoruyko & Komodakis 2017)",
-        {"p": (PositiveFloat, 2.0)}, inputs="features",
+        {"p": (PositiveFloat, 2.0)}, inputs="features", weight=1000.0,
     ),
     "reviewkd": LossEntry(
         "tlkd.distill.losses.reviewkd:ReviewKD",
@@ -112,11 +125,11 @@ LOSSES: dict[str, LossEntry] = {
     ),
     "pkt": LossEntry(
         "tlkd.distill.losses.pkt:PKT", "probabilistic knowledge transfer (Passalis & Tefas 2018)",
-        inputs="features", layers="embedding",
+        inputs="features", layers="embedding", weight=30000.0,
     ),
     "sp": LossEntry(
         "tlkd.distill.losses.sp:SP", "similarity-preserving KD (Tung & Mori 2019)",
-        inputs="features", layers="last",
+        inputs="features", layers="last", weight=3000.0,
     ),
     "crd": LossEntry(
         "tlkd.distill.losses.crd:CRD",
@@ -127,6 +140,6 @@ LOSSES: dict[str, LossEntry] = {
             "nce_t": (PositiveFloat, 0.07),
             "nce_m": (Fraction, 0.5),  # memory momentum
         },
-        inputs="features", layers="embedding",
+        inputs="features", layers="embedding", weight=0.8,
     ),
 }  # fmt: skip

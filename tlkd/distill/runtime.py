@@ -125,8 +125,8 @@ def choose(
     plan's account of it; remembered in ``cache_dir`` for the same teacher, shapes and machine."""
     if len(options) == 1:
         return options[0], f"{options[0]} (the only candidate here)"
-    key = "teacher|" + tune._key(model, batch_shape, False, [key_extra, str(dtype)], options)
-    known = tune._read(cache_dir)
+    key = "teacher|" + tune.memo_key(model, batch_shape, False, [key_extra, str(dtype)], options)
+    known = tune.remembered(cache_dir)
     if key in known and known[key][0] in options:
         return known[key][0], f"{known[key][0]} (measured before, {tune.TUNE_FILE})"
     # its own generator: a run that measures and one that remembers must draw the same
@@ -149,6 +149,6 @@ def choose(
     for runtime, t in timings[1:]:
         if t * tune.MARGIN < base and t < best_t:
             best, best_t = runtime, t
-    tune._write(cache_dir, key, (best, False))
+    tune.remember(cache_dir, key, (best, False))
     shown = ", ".join(f"{r} {1000 * t:.0f} ms" for r, t in timings)
     return best, f"{best} (measured a batch of {batch_shape[0]}: {shown})"

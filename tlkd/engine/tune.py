@@ -106,8 +106,8 @@ def choose(
         return precision, channels_last
     chosen = None
     if distributed.info().is_main:
-        key = _key(model, batch_shape, train, precisions, layouts)
-        known = _read(cache_dir)
+        key = memo_key(model, batch_shape, train, precisions, layouts)
+        known = remembered(cache_dir)
         if key in known:  # measured before on this machine: every run of a sweep agrees
             chosen = tuple(known[key])
             log(
@@ -126,15 +126,16 @@ def choose(
                 f"auto        measured {shown}: precision {chosen[0]}, "
                 f"channels_last {str(chosen[1]).lower()}"
             )
-            _write(cache_dir, key, chosen)
+            remember(cache_dir, key, chosen)
     return distributed.broadcast(chosen)
 
 
 TUNE_FILE = "tune.json"
 
 
-def _key(model, batch_shape, train, precisions, layouts) -> str:
-    """What the measurement depends on: model, shapes, candidates, CPU and torch."""
+def memo_key(model, batch_shape, train, precisions, layouts) -> str:
+    """What a measurement depends on: model, shapes, candidates, CPU and torch (also the key of
+    ``teacher.runtime: auto``'s choice, tlkd/distill/runtime.py)."""
     import platform
 
     params = sum(p.numel() for p in model.parameters())
@@ -151,7 +152,8 @@ def _key(model, batch_shape, train, precisions, layouts) -> str:
     )
 
 
-def _read(cache_dir: Path | None) -> dict:
+def remembered(cache_dir: Path | None) -> dict:
+    """The choices measured before on this machine (``cache_dir``'s tune.json)."""
     if cache_dir is None:
         return {}
     try:
@@ -160,10 +162,11 @@ def _read(cache_dir: Path | None) -> dict:
         return {}
 
 
-def _write(cache_dir: Path | None, key: str, chosen: tuple[str, bool]) -> None:
+def remember(cache_dir: Path | None, key: str, chosen: tuple[str, bool]) -> None:
+    """Keep a measured choice for the next run (nothing when the folder is unusable)."""
     if cache_dir is None:
         return
-    known = _read(cache_dir)
+    known = remembered(cache_dir)
     known[key] = list(chosen)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)

@@ -82,7 +82,8 @@ def distill(
         }
     )
     plan, info = [], []
-    plan += _resolve_runtimes(cfg, exp, teachers, resume, dry_run, objective)
+    with exp.startup.phase("teacher_runtime"):  # timing the runtimes (auto), exporting
+        plan += _resolve_runtimes(cfg, exp, teachers, resume, dry_run, objective)
     for i, teacher in enumerate(teachers):
         # a teacher of the student's classes, or of a superset (its logits for the student's)
         usable, idx = class_index(teacher, exp.classes)
@@ -95,13 +96,15 @@ def distill(
             key = digest(
                 teacher_digest(teacher), val.images, val.targets, exp.dtype, "val_top1", *mapped
             )
-            top1, _ = cached_value(
-                usable_cache_dir(cfg.data.cache_dir),
-                key,
-                lambda teacher=teacher, idx=idx: _teacher_top1(teacher, exp, cfg, idx),
-            )
+            with exp.startup.phase("teacher_val"):
+                top1, _ = cached_value(
+                    usable_cache_dir(cfg.data.cache_dir),
+                    key,
+                    lambda teacher=teacher, idx=idx: _teacher_top1(teacher, exp, cfg, idx),
+                )
         elif usable:
-            top1 = _teacher_top1(teacher, exp, cfg, idx)
+            with exp.startup.phase("teacher_val"):  # a pass of the teacher over the val set
+                top1 = _teacher_top1(teacher, exp, cfg, idx)
         shown = f"val top-1 {top1:.2f}%" if top1 is not None else "val top-1 n/a (other classes)"
         plan.append(f"teacher {i}   {teacher.name}: {teacher.params():,} parameters, {shown}")
         if idx is not None:
@@ -122,12 +125,10 @@ def distill(
         _check_cache(cfg, exp)
     _index_batches(cfg, exp, objective)  # before the terms' plan lines: they may use the data
     plan.append(f"losses      {losses}")
-    # a term may explain itself in the plan (its own ``plan_line``): no per-type code here
-    plan.extend(
-        f"{name:<11} {term.plan_line()}"
-        for name, term in zip(objective.names, objective.terms, strict=True)
-        if hasattr(term, "plan_line")
-    )
+    # each term's reference and resolved settings, or its own account (``plan_line``)
+    for i, (name, term) in enumerate(zip(objective.names, objective.terms, strict=True)):
+        line = term.plan_line() if hasattr(term, "plan_line") else _term_line(cfg, i, objective)
+        plan.append(f"{name:<11} {line}")
     if (fm := cfg.distill.function_matching) is not None:
         plan.append(
             f"mixing      function matching (Beyer et al. 2022): teacher and student see the same "
@@ -300,6 +301,22 @@ def _resolve_runtimes(
     return lines
 
 
+def _term_line(cfg: Config, i: int, objective) -> str:
+    """A term's plan line from the registry and its resolved config: what it is, its settings
+    and, for feature losses, the layers paired (no per-type code)."""
+    loss = cfg.distill.losses[i]
+    entry = LOSSES[loss.type]
+    shown_value = lambda v: str(v).lower() if isinstance(v, bool) else f"{v:g}"  # noqa: E731
+    settings = [f"{key} {shown_value(getattr(loss, key))}" for key in entry.params]
+    if i in objective.pairs:
+        s_layers, t_layers, _ = objective.pairs[i]
+        settings.append(f"layers {s_layers} -> teacher {t_layers}")
+    if getattr(loss, "standardize", False):
+        settings.append("logits z-scored (Sun et al. 2024): temperature is the base temperature")
+    shown = "; ".join(settings)
+    return f"{entry.about}" + (f": {shown}" if shown else "")
+
+
 def _teacher_key(cfg: Config, i: int) -> str:
     return f"teachers.{i}" if cfg.teachers is not None else "teacher"
 
@@ -332,7 +349,9 @@ def _teacher_top1(teacher: Teacher, exp, cfg: Config, idx: list[int] | None = No
 
 
 def _speeds(exp, teachers: list[Teacher], cfg: Config) -> dict[str, Any]:
-    """Parameters and CPU/GPU latency of student and teachers, so every run shows the gain."""
+    """Parameters and CPU/GPU latency of student and teachers, so every run shows the gain:
+    each model's own PyTorch latency at batch 1, not the runtime the teacher trained with
+    (``teacher.runtime``, recorded in the config)."""
     size = cfg.data.image_size
     student = measure_speed(
         exp.model, size, cfg.train.batch_size, exp.device, exp.dtype, throughput_runs=3

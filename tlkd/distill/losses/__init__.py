@@ -1,7 +1,7 @@
 """Distillation losses, one module per loss type (registered in tlkd/distill/registry.py).
 
 Each module holds the loss as a plain function of tensors (unit-tested on hand-made tensors,
-and against transcriptions of the papers' reference code in tests/test_distill_parity.py)
+and against transcriptions of the papers' reference code in tests/test_*parity*.py)
 and its ``Term``, the ``nn.Module`` the objective calls. The formulas follow the papers cited
 on each function; the code is tlkd's own.
 """

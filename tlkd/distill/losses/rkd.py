@@ -24,6 +24,29 @@ def relations(embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return dist, angles
 
 
+def rkd_terms(
+    student: list[torch.Tensor],
+    teacher: list[torch.Tensor],
+    distance_weight: float = 25.0,
+    angle_weight: float = 50.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RKD's two weighted terms (distance, angle), each summed over the pairs: see rkd_loss."""
+    dtype = torch.promote_types(student[0].dtype, torch.float32)  # float64 stays
+    distance = angle = student[0].new_zeros((), dtype=dtype)
+    with torch.autocast(student[0].device.type, enabled=False):
+        for s, t in zip(student, teacher, strict=True):
+            s, t = s.to(dtype), t.to(dtype)
+            if s.shape[0] < 2:
+                distance = distance + 0.0 * s.sum()
+                continue
+            s_dist, s_angles = relations(s)
+            with torch.no_grad():
+                t_dist, t_angles = relations(t)
+            distance = distance + distance_weight * F.smooth_l1_loss(s_dist, t_dist)
+            angle = angle + angle_weight * F.smooth_l1_loss(s_angles, t_angles)
+    return distance, angle
+
+
 def rkd_loss(
     student: list[torch.Tensor],
     teacher: list[torch.Tensor],
@@ -36,20 +59,8 @@ def rkd_loss(
     the teacher's relations carry no gradient. Several pairs are SUMMED (one by default: the
     embedding, as the reference). A batch of one row has no relations: 0. In float32, also
     under autocast (bf16/fp16 products would swamp the relations' small differences)."""
-    dtype = torch.promote_types(student[0].dtype, torch.float32)  # float64 stays
-    total = student[0].new_zeros((), dtype=dtype)
-    with torch.autocast(student[0].device.type, enabled=False):
-        for s, t in zip(student, teacher, strict=True):
-            s, t = s.to(dtype), t.to(dtype)
-            if s.shape[0] < 2:
-                total = total + 0.0 * s.sum()
-                continue
-            s_dist, s_angles = relations(s)
-            with torch.no_grad():
-                t_dist, t_angles = relations(t)
-            total = total + distance_weight * F.smooth_l1_loss(s_dist, t_dist)
-            total = total + angle_weight * F.smooth_l1_loss(s_angles, t_angles)
-    return total
+    distance, angle = rkd_terms(student, teacher, distance_weight, angle_weight)
+    return distance + angle
 
 
 class RKD(nn.Module):
@@ -57,6 +68,9 @@ class RKD(nn.Module):
         super().__init__()
         self.distance_weight = cfg.distance_weight
         self.angle_weight = cfg.angle_weight
+        self.parts: dict[str, torch.Tensor] = {}  # the last batch's terms, logged apart
 
     def forward(self, student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
-        return rkd_loss(student, teacher, self.distance_weight, self.angle_weight)
+        distance, angle = rkd_terms(student, teacher, self.distance_weight, self.angle_weight)
+        self.parts = {"distance": distance.detach(), "angle": angle.detach()}
+        return distance + angle
