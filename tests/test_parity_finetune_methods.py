@@ -456,3 +456,8 @@ def test_wise_cli_errors_exit_2(pretrained_run, trained_run, run_cli, tmp_path):
     assert proc.returncode == 2 and "started from random weights" in error_line(proc)
     proc = run_cli("wise", pretrained_run, "--alpha", "x")
     assert proc.returncode == 2
+    swept = tmp_path / "swept"  # a sweep's run: the final weights are gone
+    shutil.copytree(pretrained_run, swept)
+    (swept / "checkpoint.pt").unlink()
+    proc = run_cli("wise", swept)
+    assert proc.returncode == 2 and "kept no checkpoint.pt" in error_line(proc)

@@ -73,8 +73,10 @@ def cluster_labels(
     centroids of the features weighted by the softmax predictions, each image labelled with
     its nearest centroid, then the centroids of those labels and the nearest again (``rounds``
     in all). A class keeps its centroid only when more than ``threshold`` images carry its
-    label at that round (the first round: the classifier's argmax). For ``cosine`` each
-    feature vector gets a constant 1 appended and is L2-normalised first."""
+    label at that round (the first round: the classifier's argmax), as ``obtain_label`` in
+    tim-learn/SHOT ``object/image_target.py`` at 07d0c71 (its earlier version and several
+    forks count the classes once, before the first round). For ``cosine`` each feature vector
+    gets a constant 1 appended and is L2-normalised first."""
     x = features.detach().double().cpu()
     probs = F.softmax(logits.detach().double().cpu(), dim=1)
     classes = probs.shape[1]

@@ -36,7 +36,7 @@ from tlkd.models.head import classifier_names, is_head_key
 from tlkd.models.lora import merged_checkpoint
 from tlkd.recipes.build import build_experiment
 from tlkd.run.card import COMMAND, README, command_line, model_card
-from tlkd.run.rundir import CONFIG, START, SUMMARY, RunDir, write_json, write_text
+from tlkd.run.rundir import CHECKPOINT, CONFIG, START, SUMMARY, RunDir, write_json, write_text
 from tlkd.versions import versions
 
 
@@ -98,6 +98,11 @@ def wise(
             None, f"{path.name} is a {source.get('mode')} run; wise takes finetune runs"
         )
     run = RunDir(path)
+    if not (path / CHECKPOINT).is_file():  # model.safetensors holds the best epoch
+        raise ConfigError(
+            None, f"{path.name} kept no checkpoint.pt, which holds the final weights WiSE-FT "
+            "interpolates (a sweep or train.keep_checkpoint: false drops it); rerun it",
+        )  # fmt: skip
     state, _ = run.load_checkpoint()
     run_cfg = load_config(path / CONFIG)
     if (
