@@ -140,11 +140,20 @@ def repeat(n: int, fn: Callable[[], float]) -> dict:
     }
 
 
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), so results files of two machines differ."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def header(command: str) -> dict:
     """What every results file starts with: the machine, the command, the date."""
     return {
         "machine": {
-            "cpu": platform.processor() or platform.machine(),
+            "cpu": cpu_name(),
             "cores": os.cpu_count(),
             "python": platform.python_version(),
         },

@@ -251,8 +251,8 @@ class TrainConfig(Section):
     # auto: bf16 (or fp16) on cuda; on cpu the faster of fp32 and bf16, timed at the start
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool | Literal["auto"] = "auto"  # auto: on for cuda; timed on cpu
-    # torch.compile the model's training forward (validation stays eager). auto: on only where
-    # the run is long enough to pay back the compilation (tlkd/engine/tune.py: compile_rule)
+    # torch.compile the model's training forward (validation stays eager). auto: a fixed rule,
+    # off on CPU, on for long CUDA runs (tlkd/engine/tune.py: compile_rule)
     compile: bool | Literal["auto"] = "auto"
     sync_bn: bool = False  # torchrun on GPUs: SyncBatchNorm across processes
     deterministic: bool = False  # torch.use_deterministic_algorithms

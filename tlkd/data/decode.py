@@ -1,7 +1,7 @@
 """Decoding image files: JPEGs through libjpeg-turbo's own API when simplejpeg is installed,
 and at a reduced scale when they are much larger than training needs.
 
-- simplejpeg (a thin binding of libjpeg-turbo's TurboJPEG API) decodes a JPEG 3x faster than
+- simplejpeg (a thin binding of libjpeg-turbo's TurboJPEG API) decodes a JPEG 2.2-2.8x faster than
   PIL on this project's machine, to the same pixels (tests/test_decode.py checks they are
   equal; CMYK files and anything simplejpeg refuses go to PIL).
 - libjpeg can decode at 1/2, 1/4 or 1/8 scale in the DCT domain (PIL's ``Image.draft``), which

@@ -205,8 +205,9 @@ def _measure(model, device, batch_shape, train, precisions, layouts):
 
 # train.compile: auto. torch.compile pays its compilation once per run (about a minute for a
 # CIFAR ResNet on this project's 2-core CPU, docs/performance.md section 6) and gains a share of
-# every later step; auto turns it on only where the measured gain over the planned steps
-# outweighs that cost.
+# every later step. A fixed rule, not a measurement per run: off on CPU and mps (section 6:
+# 1.13x per step for 63 s of compilation, more than a short run saves), on for CUDA runs of
+# 2,000+ steps (not yet measured here: no GPU; `python -m bench.perf2 compile` measures CPU).
 COMPILE_MIN_STEPS = {"cuda": 2000}  # device type -> planned steps from which auto compiles
 
 
