@@ -136,10 +136,10 @@ def test_no_home_runs_without_a_disk_cache(tmp_path, tiny_config, cli, monkeypat
 def test_tuning_memory_without_a_folder(tmp_path):
     from tlkd.engine import tune
 
-    assert tune._read(None) == {}
-    tune._write(None, "key", ("fp32", False))  # nothing to write, nothing raised
+    assert tune.remembered(None) == {}
+    tune.remember(None, "key", ("fp32", False))  # nothing to write, nothing raised
     (tmp_path / "file.txt").write_text("x")
-    tune._write(tmp_path / "file.txt" / "cache", "key", ("fp32", False))
+    tune.remember(tmp_path / "file.txt" / "cache", "key", ("fp32", False))
 
 
 def test_teacher_cache_without_a_folder(tmp_path):

@@ -22,6 +22,7 @@ from torch import nn
 
 from tlkd.adapt.shot import SHOT, cluster_labels, hypothesis, information_maximization
 from tlkd.adapt.tent import Tent, softmax_entropy
+from tlkd.config import load_config
 from tlkd.config.schema import AdaptConfig
 
 # --- transcription of tim-learn/SHOT, object/loss.py Entropy and image_target.py -----------
@@ -281,8 +282,9 @@ def _sf_config(tmp_path, source_run, method, epochs=2, **adapt):
     cfg["model"]["pretrained"] = str(run)
     cfg["data"]["unlabeled"] = str(target)
     cfg["adapt"] = {"method": method, **adapt}
+    if method in ("tent", "shot"):  # the method's reference optimizer by default
+        cfg["train"].pop("optimizer", None)
     if method == "tent":
-        cfg["train"]["optimizer"] = {"name": "adam", "lr": 1e-3, "weight_decay": 0.0}
         cfg["data"]["augment"] = {"policy": "none"}
         if adapt.get("online"):
             del cfg["data"]["unlabeled"]
@@ -372,7 +374,14 @@ def test_tent_offline_adapts_only_batchnorm(tmp_path, source_run, write_config, 
     proc = run_cli("adapt", write_config(cfg, "tent.yaml"), "experiment=tent")
     assert proc.returncode == 0, proc.stderr
     assert "offline: adapted on data.unlabeled" in proc.stdout
+    # no train.optimizer: Tent's own (Adam, lr 1e-3, no weight decay), said and recorded
+    plan = " ".join(proc.stdout.split())
+    assert "optimizer: name adam, lr 0.001, weight_decay 0 (Tent's CIFAR-10-C setting" in plan
     run = tmp_path / "runs" / "tent"
+    saved = load_config(run / "config.yaml")
+    resolved = saved.resolved
+    assert (resolved["train.optimizer.name"], resolved["train.optimizer.lr"]) == ("adam", 1e-3)
+    assert resolved["train.optimizer.weight_decay"] == 0.0
     summary = json.loads((run / "summary.json").read_text())
     assert (summary["status"], summary["source_free"], summary["online"]) == (
         "finished",
@@ -404,6 +413,29 @@ def test_tent_offline_adapts_only_batchnorm(tmp_path, source_run, write_config, 
     )
     ev = json.loads((run / "eval.json").read_text())
     assert "running statistics saved in model.safetensors" in ev["note"]
+
+
+def test_tent_offline_resumes_exactly_from_mid_epoch(
+    tmp_path, source_run, write_config, run_cli, monkeypatch
+):
+    config = write_config(_sf_config(tmp_path, source_run, "tent", epochs=2), "tent.yaml")
+    proc = run_cli("adapt", config, "experiment=full")
+    assert proc.returncode == 0, proc.stderr
+    full = tmp_path / "runs" / "full"
+    rows = _rows(full)
+    stop = _stop_mid_epoch(monkeypatch, 4)  # inside epoch 2 (3 updates per epoch)
+    proc = run_cli("adapt", config, "experiment=part")
+    assert proc.returncode == 143, proc.stdout + proc.stderr
+    stop["at"] = None
+    part = tmp_path / "runs" / "part"
+    proc = run_cli("adapt", "--resume", part)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    keys = ("train_loss", "train_loss_entropy", "val_top1")
+    assert [{k: r[k] for k in keys} for r in _rows(part)] == [{k: r[k] for k in keys} for r in rows]
+    _same_checkpoints(
+        torch.load(full / "checkpoint.pt", weights_only=True),
+        torch.load(part / "checkpoint.pt", weights_only=True),
+    )
 
 
 def test_tent_online_scores_the_adapting_forwards_and_resumes_exactly(

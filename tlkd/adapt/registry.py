@@ -7,7 +7,7 @@ and summary fields), so the adapt recipe has no per-method code."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 
@@ -21,6 +21,10 @@ class MethodEntry(Entry):
     # source-free: adapts a trained source model (model.pretrained: a run directory or weights
     # file, its classifier loaded) on target images alone; data.train is not read (an error)
     source_free: bool = False
+    # the reference's optimizer (train.optimizer keys) when the config names none, and where
+    # it comes from (for the plan)
+    optimizer: dict[str, Any] | None = None
+    optimizer_source: str = ""
 
 
 Probability = Annotated[float, Field(gt=0.0, le=1.0)]
@@ -78,6 +82,10 @@ METHODS: dict[str, MethodEntry] = {
             "cluster_threshold": (NonNegativeInt, 0),
         },
         source_free=True,
+        # every layer at lr 0.01, Nesterov momentum 0.9, weight decay 1e-3 (timm's sgd is
+        # Nesterov); SHOT's (1 + 10 p)^-0.75 decay is not a timm scheduler: the run's is used
+        optimizer={"name": "sgd", "lr": 0.01, "weight_decay": 1e-3},
+        optimizer_source="SHOT's target stage, tim-learn/SHOT digit/uda_digit.py",
     ),
     "tent": MethodEntry(
         "tlkd.adapt.tent:Tent",
@@ -86,5 +94,7 @@ METHODS: dict[str, MethodEntry] = {
         # true: adapt on the data.val stream while predicting it (one update per batch)
         {"online": (bool, False)},
         source_free=True,
+        optimizer={"name": "adam", "lr": 1e-3, "weight_decay": 0.0},
+        optimizer_source="Tent's CIFAR-10-C setting, DequanWang/tent cfgs/tent.yaml",
     ),
 }

@@ -213,7 +213,9 @@ class DataConfig(Section):
 class OptimizerConfig(Section):
     """Any optimizer timm.optim.create_optimizer_v2 knows (sgd, adamw, lamb, ...)."""
 
-    name: str = "adamw"
+    # default: adamw, or the adaptation method's reference optimizer where it has one (tent,
+    # shot: tlkd/adapt/registry.py), with its lr and weight decay where those are unset
+    name: str | None = None
     # default by optimizer family and start, scaled with the batch (tlkd/data/defaults.py):
     # adamw 2e-3 from random weights, 5e-4 from pretrained ones; sgd 0.05 / 0.01 (batch 64)
     lr: PositiveFloat | None = None

@@ -17,6 +17,7 @@ from timm.data import resolve_model_data_config
 from timm.optim import get_optimizer_info, list_optimizers
 from torch import nn
 
+from tlkd.adapt.registry import METHODS as ADAPT_METHODS
 from tlkd.config import safe_yaml
 from tlkd.config.loader import with_values
 from tlkd.config.schema import Config
@@ -156,6 +157,8 @@ def build_experiment(
         else:
             check_output_dir(cfg.output_dir, write=not dry_run)
     seed_everything(cfg.seed, cfg.train.deterministic)
+    _resolve_optimizer_name(r)
+    cfg = r.cfg
     if for_training:
         _check_optimizer(cfg)
     device = resolve_device(cfg.train.device)
@@ -234,6 +237,23 @@ def first_choices(resume: Path | None) -> dict[str, Any]:
     saved = safe_yaml.safe_load((resume / CONFIG).read_text())
     first = saved.get("resolved") if isinstance(saved, dict) else None
     return dict(first) if isinstance(first, dict) else {}
+
+
+def _resolve_optimizer_name(r: Resolution) -> None:
+    """``train.optimizer.name`` when unset: the adaptation method's reference optimizer (its
+    lr and weight decay too, where unset), else adamw."""
+    if r.keep_first("train.optimizer.name", "optimizer") or r.cfg.train.optimizer.name:
+        return
+    method = ADAPT_METHODS[r.cfg.adapt.method] if r.cfg.adapt is not None else None
+    if method is None or method.optimizer is None:
+        r.set("train.optimizer.name", "adamw")
+        return
+    ref = method.optimizer
+    shown = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in ref.items())
+    r.set("train.optimizer.name", ref["name"], "optimizer", f"{shown} ({method.optimizer_source})")
+    for key in ("lr", "weight_decay"):
+        if key in ref and getattr(r.cfg.train.optimizer, key) is None:
+            r.set(f"train.optimizer.{key}", ref[key])
 
 
 def _resolve_optimizer(r: Resolution, pretrained: bool) -> None:
