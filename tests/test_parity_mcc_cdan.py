@@ -482,9 +482,12 @@ LEARNED = ("train_loss", "train_top1", "val_loss", "val_top1", "lr")
 
 
 @pytest.mark.parametrize("method", ["mcc", "cdan"])
-def test_adapt_runs_and_resumes_exactly(tmp_path, domains, write_config, run_cli, method):
-    """From YAML: the plan line, a finished run logging the method's term, and a run of one
-    epoch resumed to two ending exactly as the uninterrupted two-epoch run."""
+def test_adapt_runs_and_resumes_exactly(
+    tmp_path, domains, write_config, run_cli, method, monkeypatch
+):
+    """From YAML: the plan line, a finished run logging the method's term, a run of one
+    epoch resumed to two, and a run stopped inside its second epoch (SIGTERM's path) and
+    resumed, each ending exactly as the uninterrupted two-epoch run."""
     source, target, target_val = domains
     adapt, term, plan = ADAPT[method]
     cfg = small_config(tmp_path, source, target_val, train={"epochs": 2})
@@ -516,3 +519,26 @@ def test_adapt_runs_and_resumes_exactly(tmp_path, domains, write_config, run_cli
     ]
     a, b = load_file(full / "model.safetensors"), load_file(part / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    from tlkd.engine.trainer import Trainer
+
+    step, stop = Trainer._optimizer_step, {"at": 4}  # 24 images, batch 8: inside epoch 2
+
+    def stop_after(self):
+        step(self)
+        if self.updates == stop["at"]:
+            self._signals.received = "SIGTERM"
+
+    monkeypatch.setattr(Trainer, "_optimizer_step", stop_after)
+    proc = run_cli("adapt", config, "experiment=mid")
+    assert proc.returncode == 143, proc.stdout + proc.stderr
+    stop["at"] = None
+    mid = tmp_path / "runs" / "mid"
+    proc = run_cli("adapt", "--resume", mid)
+    assert proc.returncode == 0, proc.stderr
+    resumed = [json.loads(x) for x in (mid / "metrics.jsonl").read_text().splitlines()]
+    assert [{k: r[k] for k in (*LEARNED, term)} for r in resumed] == [
+        {k: r[k] for k in (*LEARNED, term)} for r in rows
+    ]
+    c = load_file(mid / "model.safetensors")
+    assert all(torch.equal(a[k], c[k]) for k in a)
