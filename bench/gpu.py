@@ -79,7 +79,9 @@ def tlkd_run(tmp: Path, data: Path, gpus: int, batch: int) -> dict:
         if gpus > 1
         else [sys.executable]
     )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    # the repo first, then what the caller set (the device's carried wheels: /tmp/site)
+    path_env = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path_env}
     proc = subprocess.run(
         [*launch, "-m", "tlkd", "finetune", str(path), "-q"],
         capture_output=True, text=True, env=env, cwd=tmp,
@@ -97,8 +99,28 @@ def tlkd_run(tmp: Path, data: Path, gpus: int, batch: int) -> dict:
     }
 
 
+def synthetic_jpegs(root: Path, per_class: int = 512, test_per_class: int = 50) -> Path:
+    """CIFAR-sized JPEG folders (10 classes, ``root/train`` and ``root/test``) for a machine
+    without the CIFAR-10 folders (the device machine has no data): a coloured square per
+    class on noise. The speed figures need only the format and size; accuracy means nothing."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", per_class), ("test", test_per_class)):
+        for c in range(10):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                img = rng.integers(0, 96, (32, 32, 3), dtype=np.uint8)
+                img[8:24, 8:24] = (25 * c, 255 - 25 * c, 120)
+                Image.fromarray(img).save(folder / f"{i:04d}.jpg", quality=90)
+    return root
+
+
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__)
+    # CIFAR-10 JPEG folders (train/, test/); where missing, synthetic ones of the same size
     p.add_argument("--data", type=Path, default=Path("~/.cache/tlkd-data/cifar10").expanduser())
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "gpu.json")
     args = p.parse_args()
@@ -115,7 +137,11 @@ def main() -> None:
     }
     out["ceiling"] = ceiling("resnet18", 256)
     with tempfile.TemporaryDirectory(prefix="tlkd-gpu-") as tmp:
-        out["tlkd_1gpu"] = tlkd_run(Path(tmp), args.data, 1, 256)
+        data = args.data
+        if not (data / "train").is_dir():  # e.g. the device machine: made on the spot
+            data = synthetic_jpegs(Path(tmp) / "data")
+            out["data"] = "synthetic 32 px JPEGs, 512 per class (no CIFAR-10 folders here)"
+        out["tlkd_1gpu"] = tlkd_run(Path(tmp), data, 1, 256)
         out["ratio_1gpu"] = out["tlkd_1gpu"]["img_s"] / out["ceiling"]["img_s"]
         if gpus >= 2:
             out["tlkd_ddp2"] = tlkd_run(Path(tmp), args.data, 2, 256)
