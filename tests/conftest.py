@@ -272,3 +272,24 @@ def timm_weights(path: Path, name: str, num_classes: int, seed: int = 0) -> Path
     model = timm.create_model(name, num_classes=num_classes)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return path
+
+
+def interrupted_and_resumed(run_cli, monkeypatch, mode: str, config, at: int, run: Path) -> Path:
+    """``tlkd mode config`` into ``run``, stopped after optimizer update ``at`` by SIGTERM's
+    path (exit 143, a partial checkpoint), then ``--resume``d to its end; returns ``run``."""
+    from tlkd.engine.trainer import Trainer
+
+    step, stop = Trainer._optimizer_step, {"at": at}
+
+    def stop_after(self):
+        step(self)
+        if self.updates == stop["at"]:
+            self._signals.received = "SIGTERM"
+
+    monkeypatch.setattr(Trainer, "_optimizer_step", stop_after)
+    proc = run_cli(mode, config, f"experiment={run.name}", f"output_dir={run.parent}")
+    assert proc.returncode == 143, proc.stdout + proc.stderr
+    stop["at"] = None
+    proc = run_cli(mode, "--resume", run)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return run

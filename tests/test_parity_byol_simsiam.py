@@ -21,7 +21,7 @@ import math
 import pytest
 import timm
 import torch
-from conftest import MODEL, small_config, write_images
+from conftest import MODEL, interrupted_and_resumed, small_config, write_images
 from safetensors.torch import load_file
 from timm.scheduler import create_scheduler_v2
 from torch import nn
@@ -324,7 +324,6 @@ def test_pretrain_runs_loads_into_finetune_and_resumes_exactly(
     backbone (no heads, no target network) as finetune's model.pretrained; and a run stopped
     mid-epoch (SIGTERM's path) and resumed ending exactly as the uninterrupted one, the
     target network (BYOL) and the fixed predictor lr (SimSiam) included."""
-    from tlkd.engine.trainer import Trainer
 
     pretrain, plan = METHODS[method]
     train = write_images(tmp_path / "train", per_class=8, seed=1)
@@ -370,21 +369,10 @@ def test_pretrain_runs_loads_into_finetune_and_resumes_exactly(
     summary = json.loads((tmp_path / "runs" / "ft" / "summary.json").read_text())
     assert summary["weights_source"] == str(full / "model.safetensors")
 
-    step = Trainer._optimizer_step
-    stop = {"at": 4}  # 3 updates per epoch: after the first of epoch 2
-
-    def stop_after(self):
-        step(self)
-        if self.updates == stop["at"]:
-            self._signals.received = "SIGTERM"
-
-    monkeypatch.setattr(Trainer, "_optimizer_step", stop_after)
-    proc = run_cli("pretrain", config, "experiment=part")
-    assert proc.returncode == 143, proc.stdout + proc.stderr
-    stop["at"] = None
-    part = tmp_path / "runs" / "part"
-    proc = run_cli("pretrain", "--resume", part)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # 3 updates per epoch: stopped after the first of epoch 2, then resumed
+    part = interrupted_and_resumed(
+        run_cli, monkeypatch, "pretrain", config, 4, tmp_path / "runs" / "part"
+    )
     logged = (*LOGGED, "train_tau") if method == "byol" else LOGGED
     assert [{k: r[k] for k in logged} for r in _rows(part)] == [
         {k: r[k] for k in logged} for r in rows

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import small_config, write_images
+from conftest import interrupted_and_resumed, small_config, write_images
 from safetensors.torch import load_file
 from torch import nn
 
@@ -520,22 +520,10 @@ def test_adapt_runs_and_resumes_exactly(
     a, b = load_file(full / "model.safetensors"), load_file(part / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
-    from tlkd.engine.trainer import Trainer
-
-    step, stop = Trainer._optimizer_step, {"at": 4}  # 24 images, batch 8: inside epoch 2
-
-    def stop_after(self):
-        step(self)
-        if self.updates == stop["at"]:
-            self._signals.received = "SIGTERM"
-
-    monkeypatch.setattr(Trainer, "_optimizer_step", stop_after)
-    proc = run_cli("adapt", config, "experiment=mid")
-    assert proc.returncode == 143, proc.stdout + proc.stderr
-    stop["at"] = None
-    mid = tmp_path / "runs" / "mid"
-    proc = run_cli("adapt", "--resume", mid)
-    assert proc.returncode == 0, proc.stderr
+    # stopped inside epoch 2 (24 images, batch 8: 3 updates per epoch), then resumed
+    mid = interrupted_and_resumed(
+        run_cli, monkeypatch, "adapt", config, 4, tmp_path / "runs" / "mid"
+    )
     resumed = [json.loads(x) for x in (mid / "metrics.jsonl").read_text().splitlines()]
     assert [{k: r[k] for k in (*LEARNED, term)} for r in resumed] == [
         {k: r[k] for k in (*LEARNED, term)} for r in rows

@@ -16,7 +16,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import MODEL, error_line, small_config, write_images
+from conftest import MODEL, error_line, interrupted_and_resumed, small_config, write_images
 from safetensors.torch import load_file
 from torch import nn
 
@@ -295,22 +295,6 @@ def _rows(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def _stop_mid_epoch(monkeypatch, at):
-    """The trainer stops (SIGTERM's path) after optimizer update ``at``; None: never."""
-    from tlkd.engine.trainer import Trainer
-
-    step = Trainer._optimizer_step
-    stop = {"at": at}
-
-    def stop_after(self):
-        step(self)
-        if self.updates == stop["at"]:
-            self._signals.received = "SIGTERM"
-
-    monkeypatch.setattr(Trainer, "_optimizer_step", stop_after)
-    return stop
-
-
 def _same(a, b, where=()):
     if isinstance(a, dict):
         assert set(a) == set(b), where
@@ -357,13 +341,10 @@ def test_shot_adapts_a_source_run_without_data_train_and_resumes_exactly(
     state = torch.load(full / "checkpoint.pt", weights_only=True)
     assert state["objective"]["_extra_state"]["labels"].shape == (24,)
 
-    stop = _stop_mid_epoch(monkeypatch, 4)  # 3 updates per epoch: inside epoch 2
-    proc = run_cli("adapt", config, "experiment=part")
-    assert proc.returncode == 143, proc.stdout + proc.stderr
-    stop["at"] = None
-    part = tmp_path / "runs" / "part"
-    proc = run_cli("adapt", "--resume", part)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # stopped after update 4 (3 updates per epoch: inside epoch 2), then resumed
+    part = interrupted_and_resumed(
+        run_cli, monkeypatch, "adapt", config, 4, tmp_path / "runs" / "part"
+    )
     keys = ("train_loss", "train_loss_im", "train_loss_pseudo", "train_pseudo_agree", "val_top1")
     assert [{k: r[k] for k in keys} for r in _rows(part)] == [{k: r[k] for k in keys} for r in rows]
     _same_checkpoints(state, torch.load(part / "checkpoint.pt", weights_only=True))
@@ -423,13 +404,10 @@ def test_tent_offline_resumes_exactly_from_mid_epoch(
     assert proc.returncode == 0, proc.stderr
     full = tmp_path / "runs" / "full"
     rows = _rows(full)
-    stop = _stop_mid_epoch(monkeypatch, 4)  # inside epoch 2 (3 updates per epoch)
-    proc = run_cli("adapt", config, "experiment=part")
-    assert proc.returncode == 143, proc.stdout + proc.stderr
-    stop["at"] = None
-    part = tmp_path / "runs" / "part"
-    proc = run_cli("adapt", "--resume", part)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # stopped after update 4 (inside epoch 2 (3 updates per epoch)), then resumed
+    part = interrupted_and_resumed(
+        run_cli, monkeypatch, "adapt", config, 4, tmp_path / "runs" / "part"
+    )
     keys = ("train_loss", "train_loss_entropy", "val_top1")
     assert [{k: r[k] for k in keys} for r in _rows(part)] == [{k: r[k] for k in keys} for r in rows]
     _same_checkpoints(
@@ -456,13 +434,10 @@ def test_tent_online_scores_the_adapting_forwards_and_resumes_exactly(
     for r in rows:  # the trainer's top-1 of the same forwards, the labels being the val's
         assert r["val_top1"] == pytest.approx(r["train_top1"])
         assert r["adapted_val_top1"] is not None
-    stop = _stop_mid_epoch(monkeypatch, 1)  # 2 updates per pass (batches 8 + 4): inside it
-    proc = run_cli("adapt", config, "experiment=part")
-    assert proc.returncode == 143, proc.stdout + proc.stderr
-    stop["at"] = None
-    part = tmp_path / "runs" / "part"
-    proc = run_cli("adapt", "--resume", part)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # stopped after update 1 (2 updates per pass (batches 8 + 4): inside it), then resumed
+    part = interrupted_and_resumed(
+        run_cli, monkeypatch, "adapt", config, 1, tmp_path / "runs" / "part"
+    )
     keys = ("train_loss", "train_top1", "val_loss", "val_top1", "adapted_val_top1")
     assert [{k: r[k] for k in keys} for r in _rows(part)] == [{k: r[k] for k in keys} for r in rows]
     _same_checkpoints(

@@ -24,13 +24,20 @@ def relations(embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return dist, angles
 
 
-def rkd_terms(
+def rkd_loss(
     student: list[torch.Tensor],
     teacher: list[torch.Tensor],
     distance_weight: float = 25.0,
     angle_weight: float = 50.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """RKD's two weighted terms (distance, angle), each summed over the pairs: see rkd_loss."""
+    parts: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """RKD as RepDistiller's ``RKDLoss`` (``distiller_zoo/RKD.py``): Huber (smooth L1, mean
+    over all entries) between the student's and the teacher's distance relations, times
+    ``distance_weight``, plus the same for the angle relations, times ``angle_weight``;
+    the teacher's relations carry no gradient. Several pairs are SUMMED (one by default: the
+    embedding, as the reference). A batch of one row has no relations: 0. In float32, also
+    under autocast (bf16/fp16 products would swamp the relations' small differences).
+    ``parts``, if given, receives the two weighted terms (detached), for the metrics."""
     dtype = torch.promote_types(student[0].dtype, torch.float32)  # float64 stays
     distance = angle = student[0].new_zeros((), dtype=dtype)
     with torch.autocast(student[0].device.type, enabled=False):
@@ -44,22 +51,8 @@ def rkd_terms(
                 t_dist, t_angles = relations(t)
             distance = distance + distance_weight * F.smooth_l1_loss(s_dist, t_dist)
             angle = angle + angle_weight * F.smooth_l1_loss(s_angles, t_angles)
-    return distance, angle
-
-
-def rkd_loss(
-    student: list[torch.Tensor],
-    teacher: list[torch.Tensor],
-    distance_weight: float = 25.0,
-    angle_weight: float = 50.0,
-) -> torch.Tensor:
-    """RKD as RepDistiller's ``RKDLoss`` (``distiller_zoo/RKD.py``): Huber (smooth L1, mean
-    over all entries) between the student's and the teacher's distance relations, times
-    ``distance_weight``, plus the same for the angle relations, times ``angle_weight``;
-    the teacher's relations carry no gradient. Several pairs are SUMMED (one by default: the
-    embedding, as the reference). A batch of one row has no relations: 0. In float32, also
-    under autocast (bf16/fp16 products would swamp the relations' small differences)."""
-    distance, angle = rkd_terms(student, teacher, distance_weight, angle_weight)
+    if parts is not None:
+        parts.update(distance=distance.detach(), angle=angle.detach())
     return distance + angle
 
 
@@ -71,6 +64,5 @@ class RKD(nn.Module):
         self.parts: dict[str, torch.Tensor] = {}  # the last batch's terms, logged apart
 
     def forward(self, student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
-        distance, angle = rkd_terms(student, teacher, self.distance_weight, self.angle_weight)
-        self.parts = {"distance": distance.detach(), "angle": angle.detach()}
-        return distance + angle
+        self.parts = {}
+        return rkd_loss(student, teacher, self.distance_weight, self.angle_weight, self.parts)
