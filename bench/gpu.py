@@ -144,7 +144,7 @@ def main() -> None:
         out["tlkd_1gpu"] = tlkd_run(Path(tmp), data, 1, 256)
         out["ratio_1gpu"] = out["tlkd_1gpu"]["img_s"] / out["ceiling"]["img_s"]
         if gpus >= 2:
-            out["tlkd_ddp2"] = tlkd_run(Path(tmp), args.data, 2, 256)
+            out["tlkd_ddp2"] = tlkd_run(Path(tmp), data, 2, 256)
             out["ddp_scaling"] = out["tlkd_ddp2"]["img_s"] / out["tlkd_1gpu"]["img_s"]
         else:
             out["tlkd_ddp2"] = "not run: one GPU"

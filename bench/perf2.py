@@ -246,7 +246,7 @@ def cache56(ctx) -> dict:
         # accuracy: the target is speed at an accuracy within the seed spread
         top1 = [
             json.loads(f.read_text())["final_val_top1"]
-            for f in sorted(runs.glob("*/summary.json"))
+            for f in sorted(runs.glob("**/summary.json"))  # <experiment>-sweep/<run>/
             if json.loads(f.read_text()).get("mode") == "distill"
         ]
         out[f"{label}_val_top1"] = _stats(top1)

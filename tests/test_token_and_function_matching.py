@@ -264,6 +264,9 @@ def test_function_matching_kd_defaults_to_the_papers_temperature():
     kept = DistillConfig(losses=[{"type": "kd", "temperature": 4}], function_matching=fm)
     assert kept.losses[0].temperature == 4
     assert DistillConfig(losses=[{"type": "kd"}]).losses[0].temperature == 4
+    # logit standardization keeps its authors' base temperature under function matching
+    ls = DistillConfig(losses=[{"type": "kd", "standardize": True}], function_matching=fm)
+    assert (ls.losses[0].temperature, ls.losses[0].weight) == (2, 9)
 
 
 def test_batch_cutmix_pastes_the_neighbours_box():

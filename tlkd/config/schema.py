@@ -418,8 +418,10 @@ class DistillConfig(Section):
                     f"and only label-free logit losses apply (kd, as the paper; dist, hard), "
                     f"not {loss.type!r}"
                 )
-            if "temperature" in entry.params and "temperature" not in loss.model_fields_set:
-                # the paper's kl at t=1 (big_vision bit_i1k.py), not the loss type's default
+            unset = "temperature" not in loss.model_fields_set
+            if "temperature" in entry.params and unset and not getattr(loss, "standardize", False):
+                # the paper's kl at t=1 (big_vision bit_i1k.py), not the loss type's default;
+                # standardize: true keeps its own base temperature (2, Sun et al. 2024)
                 loss.__dict__["temperature"] = 1.0
         return self
 

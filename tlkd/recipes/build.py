@@ -249,11 +249,17 @@ def _resolve_optimizer_name(r: Resolution) -> None:
         r.set("train.optimizer.name", "adamw")
         return
     ref = method.optimizer
-    shown = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in ref.items())
-    r.set("train.optimizer.name", ref["name"], "optimizer", f"{shown} ({method.optimizer_source})")
-    for key in ("lr", "weight_decay"):
-        if key in ref and getattr(r.cfg.train.optimizer, key) is None:
-            r.set(f"train.optimizer.{key}", ref[key])
+    applied = {"name": ref["name"]} | {
+        key: ref[key]
+        for key in ("lr", "weight_decay")
+        if key in ref and getattr(r.cfg.train.optimizer, key) is None  # the user's value wins
+    }
+    for key, value in applied.items():
+        r.set(f"train.optimizer.{key}", value)
+    shown = ", ".join(
+        f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in applied.items()
+    )
+    r.choices["optimizer"] = f"{shown} ({method.optimizer_source})"
 
 
 def _resolve_optimizer(r: Resolution, pretrained: bool) -> None:

@@ -216,13 +216,20 @@ def check_resumable(run: RunDir, exp: Experiment) -> None:
     # torch.compile and a teacher's runtime (the same computation, run another way)
     ignored = {"train.epochs", "output_dir", "experiment", "data.cache_dir"}
     ignored |= {"train.keep_checkpoint", "train.compile"}
+
+    def value(config: dict[str, Any], key: str) -> Any:
+        """A key's value, or the value tlkd chose for it where it is unset (a run saved
+        before a default became resolved at start holds the value itself)."""
+        own = config.get(key)
+        return config.get(f"resolved.{key}") if own is None else own
+
     differ = sorted(
         k
         for k in saved.keys() | now.keys()
         if k not in ignored
         and not k.startswith(("resolved.", "tracking."))
         and not (k.startswith(("teacher.", "teachers.")) and k.endswith(".runtime"))
-        and saved.get(k) != now.get(k)
+        and value(saved, k) != value(now, k)
     )
     if differ:
         shown = ", ".join(differ[:6]) + (", ..." if len(differ) > 6 else "")

@@ -98,22 +98,21 @@ def wise(
             None, f"{path.name} is a {source.get('mode')} run; wise takes finetune runs"
         )
     run = RunDir(path)
-    if not (path / CHECKPOINT).is_file():  # model.safetensors holds the best epoch
+    run_cfg = load_config(path / CONFIG)
+    unfinished = ConfigError(
+        None, f"{path.name} has not finished its {run_cfg.train.epochs} epochs "
+        f"(continue it with tlkd finetune --resume {path})",
+    )  # fmt: skip
+    if source.get("status") != "finished":
+        raise unfinished
+    if not (path / CHECKPOINT).is_file():  # model.safetensors holds the best epoch's weights
         raise ConfigError(
             None, f"{path.name} kept no checkpoint.pt, which holds the final weights WiSE-FT "
             "interpolates (a sweep or train.keep_checkpoint: false drops it); rerun it",
         )  # fmt: skip
     state, _ = run.load_checkpoint()
-    run_cfg = load_config(path / CONFIG)
-    if (
-        source.get("status") != "finished"
-        or state.get("partial")
-        or (int(state["epoch"]) != run_cfg.train.epochs)
-    ):
-        raise ConfigError(
-            None, f"{path.name} has not finished its {run_cfg.train.epochs} epochs "
-            f"(continue it with tlkd finetune --resume {path})",
-        )  # fmt: skip
+    if state.get("partial") or int(state["epoch"]) != run_cfg.train.epochs:
+        raise unfinished
     theta1 = {k: v.cpu() for k, v in state["model"].items()}
     reporter = reporter or Reporter(run_cfg.train.log_every)
     # the run's model, data and val split (as tlkd evaluate builds them)
