@@ -9,12 +9,15 @@ import math
 import pytest
 import timm
 import torch
+import torchvision
 import yaml
 from conftest import error_line, small_config, write_images
+from PIL import Image
 
 from tlkd.adapt.adabn import reestimate_bn
 from tlkd.adapt.grl import dann_lambda, reverse_gradient
 from tlkd.adapt.objectives import pseudo_labels
+from tlkd.data.datasets import LabeledImages, UnlabeledFolder, unlabeled
 from tlkd.ssl.knn import knn_top1
 from tlkd.ssl.simclr import nt_xent
 
@@ -65,6 +68,48 @@ def test_adabn_changes_only_batchnorm_statistics():
         torch.testing.assert_close(bn.running_var, var)
         assert bn.num_batches_tracked == len(target)
         assert bn.momentum == 0.1  # the model's own momentum is back
+
+
+def test_unlabeled_images_come_in_a_fixed_random_order(tmp_path):
+    """A folder lists its images class by class; unlabeled() shuffles them with the seed
+    (the same subset as before under a limit), so a pass in order mixes the classes."""
+    folder = write_images(tmp_path / "t", per_class=10)
+    paths = [path for path, _ in UnlabeledFolder(folder).samples]
+    assert paths == sorted(paths)  # the folder's own order: class by class
+    a, b = unlabeled(folder, seed=0), unlabeled(folder, seed=0)
+    order = [a.path(i) for i in range(len(a))]
+    assert order == [b.path(i) for i in range(len(b))]  # fixed by the seed
+    assert sorted(order) == paths and order != paths
+    other = unlabeled(folder, seed=1)
+    assert [other.path(i) for i in range(len(other))] != order
+    assert [a.path(i) for i in range(12)] == [unlabeled(folder, 12, 0).path(i) for i in range(12)]
+    # the first batch of 10 holds more than one class (folder order: one class only)
+    assert len({p.split("/")[-2] for p in order[:10]}) > 1
+
+
+def test_adabn_statistics_are_the_whole_target_sets_in_shuffled_order(tmp_path):
+    """AdaBN's variance is the average of per-batch variances: class-by-class batches give the
+    within-class spread only; shuffled ones the whole set's (Li et al.'s target statistics)."""
+    folder = write_images(tmp_path / "t", per_class=40, noise=10)
+    to_tensor = torchvision.transforms.functional.pil_to_tensor
+
+    def batches(images):
+        pixels = torch.stack([to_tensor(Image.open(images.path(i))) for i in range(len(images))])
+        return [(x.float(), x.new_zeros(len(x))) for x in pixels.split(20)]
+
+    everything = torch.cat([x for x, _ in batches(unlabeled(folder))])
+    population = everything.transpose(0, 1).flatten(1).var(dim=1)
+    listed = UnlabeledFolder(folder)
+    estimates = {}
+    for name, images in {
+        "folder": LabeledImages(listed, listed.targets, []),
+        "shuffled": unlabeled(folder),
+    }.items():
+        bn = torch.nn.BatchNorm2d(3)
+        reestimate_bn(bn, batches(images), torch.device("cpu"))
+        estimates[name] = bn.running_var
+    torch.testing.assert_close(estimates["shuffled"], population, rtol=0.15, atol=0)
+    assert (estimates["folder"] < 0.2 * population).all()
 
 
 def test_target_bn_normalises_each_domain_with_its_own_statistics():

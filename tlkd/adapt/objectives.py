@@ -38,6 +38,9 @@ class DomainObjective(Objective):
     # to read as it likes (e.g. SHOT's clustering); without ``uses_target_stats`` no BatchNorm
     # re-estimation follows from it
     reads_target_set: ClassVar[bool] = False
+    # BatchNorm normalises each val batch with its own statistics: data.val is then read in a
+    # fixed random order (tlkd.data.datasets.shuffled), not its folder's class by class one
+    val_batch_stats: ClassVar[bool] = False
     title: ClassVar[str] = ""  # the method's name in plan lines
 
     def __init__(
@@ -65,7 +68,7 @@ class DomainObjective(Objective):
     @classmethod
     def online(cls, cfg: AdaptConfig) -> bool:
         """Test-time adaptation on the val stream (a source-free method): the training batches
-        are data.val's, in order, and the objective scores the predictions it made while
+        are data.val's, in its order, and the objective scores the predictions it made while
         adapting (``val_scores``); data.unlabeled is not needed."""
         return False
 

@@ -105,11 +105,12 @@ def _tally(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 class Tent(DomainObjective):
     """``adapt.weight`` x the mean softmax entropy of each batch's predictions, BatchNorm's
     scale and shift alone learning. Online, the training batches are the labelled val stream
-    in order (the labels never reach the loss): the predictions of each step's forward are
-    tallied and reported as ``val_loss`` / ``val_top1`` / ``val_top5``; the adapted model
-    scored on the stream again after the pass is ``adapted_val_top1``."""
+    in its (fixed random) order (the labels never reach the loss): the predictions of each
+    step's forward are tallied and reported as ``val_loss`` / ``val_top1`` / ``val_top5``;
+    the adapted model scored on the stream again after the pass is ``adapted_val_top1``."""
 
     title: ClassVar[str] = "Tent"
+    val_batch_stats: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -146,7 +147,8 @@ class Tent(DomainObjective):
             "frozen; batch statistics in every forward (running statistics never used; they "
             "follow the target batches for the saved model); loss: mean softmax entropy x "
             f"{cfg.weight:g}, one update per batch",
-            f"protocol    {scored}; each val batch normalised with its own statistics",
+            f"protocol    {scored}; each val batch normalised with its own statistics, "
+            "data.val in a fixed random order (data.subset_seed), not class by class",
         ]
 
     @classmethod

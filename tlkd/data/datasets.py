@@ -119,18 +119,24 @@ class UnlabeledFolder(Dataset):
 def unlabeled(
     path: Path, limit: int | None = None, seed: int = 0, key: str = "data.unlabeled"
 ) -> LabeledImages:
-    """An image folder whose labels are ignored (domain adaptation, self-supervision); with
-    ``limit``, a random subset of that many images drawn with ``seed``."""
+    """An image folder whose labels are ignored (domain adaptation, self-supervision), in an
+    order drawn with ``seed`` (see ``shuffled``); with ``limit``, the first that many."""
     if not path.is_dir():
         raise ConfigError(key, f"not a folder: {path}")
     ds = UnlabeledFolder(path)
     if not len(ds):
         raise ConfigError(key, f"no image files under {path}")
-    images = LabeledImages(ds, ds.targets, [])
-    if limit is not None and limit < len(ds):
-        keep = np.random.default_rng(seed).permutation(len(ds))[:limit]
-        images = images.view(sorted(keep.tolist()))
-    return images
+    images = shuffled(LabeledImages(ds, ds.targets, []), seed)
+    return images.view(range(limit)) if limit is not None and limit < len(ds) else images
+
+
+def shuffled(images: LabeledImages, seed: int) -> LabeledImages:
+    """``images`` in a fixed random order drawn with ``seed``. A folder lists its images class
+    by class; a pass over it in that order feeds BatchNorm batches of one class, whose
+    statistics lack the between-class spread (AdaBN's cumulative statistics come out too
+    narrow; Tent, normalising each batch with its own, normalises the class away). Shuffled,
+    each batch mixes the classes as a random sample of the set does."""
+    return images.view(np.random.default_rng(seed).permutation(len(images)).tolist())
 
 
 @dataclass

@@ -67,8 +67,9 @@ def adapt(
     # them (or the source run's size), not the empty data.train
     source_free = (target if not online else "val") if entry.source_free else None
     exp = build_experiment(
-        cfg, log=reporter.print, resume=resume, dry_run=dry_run, source_free=source_free
-    )
+        cfg, log=reporter.print, resume=resume, dry_run=dry_run, source_free=source_free,
+        shuffle_val=method.val_batch_stats,
+    )  # fmt: skip
     cfg = exp.cfg
     if entry.source_free and exp.weights.head != "loaded":
         raise ConfigError(
@@ -114,7 +115,7 @@ def adapt(
     else:
         images = f"source-free from {exp.weights.source} (no labelled source images), "
     if online:
-        images += f"online on the target val stream ({len(exp.splits.val):,} images, in order)"
+        images += f"online on the target val stream ({len(exp.splits.val):,} images)"
     else:
         images += (
             f"{len(target):,} unlabelled target images ({cfg.data.unlabeled}), target val "

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,7 +24,7 @@ from tlkd.config.schema import Config
 from tlkd.config.suggest import did_you_mean
 from tlkd.data import defaults
 from tlkd.data.catalog import SMALL_IMAGE_DATASETS
-from tlkd.data.datasets import LabeledImages, Splits, build_splits
+from tlkd.data.datasets import LabeledImages, Splits, build_splits, shuffled
 from tlkd.data.memory import usable_cache_dir
 from tlkd.data.pipeline import Loaders, build_loaders, default_workers, resolve_input
 from tlkd.engine import distributed, tune
@@ -133,6 +133,7 @@ def build_experiment(
     dry_run: bool = False,
     implied: dict[str, Any] | None = None,
     source_free: LabeledImages | Literal["val"] | None = None,
+    shuffle_val: bool = False,
 ) -> Experiment:
     """Validate what needs the file system or timm, then build data and model (no training).
     ``cfg`` is not changed: the values chosen (image size, classes, defaults, ``auto``
@@ -143,7 +144,8 @@ def build_experiment(
     ``source_free``: a source-free adapt run (no data.train) and the target images it trains
     on instead (data.unlabeled's, or ``"val"``: the data.val stream, online). The image size
     is then model.pretrained's run directory's (the size the source model was trained at),
-    or else the target images' own, and the augmentation follows the target images."""
+    or else the target images' own, and the augmentation follows the target images.
+    ``shuffle_val``: data.val in a fixed random order (for BatchNorm on batch statistics)."""
     log = log or _log
     clock = startup.for_build()
     source = cfg
@@ -164,6 +166,8 @@ def build_experiment(
     device = resolve_device(cfg.train.device)
     with clock.phase("data"):  # listing the files, splits and subsets
         splits = build_splits(cfg.data, subset_seed(cfg))
+        if shuffle_val:
+            splits = replace(splits, val=shuffled(splits.val, subset_seed(cfg)))
     if (
         classifier
         and cfg.model.num_classes is not None
