@@ -449,24 +449,39 @@ def test_tent_online_scores_the_adapting_forwards_and_resumes_exactly(
 
 @pytest.mark.parametrize("method, online", [("tent", False), ("tent", True), ("shot", False)])
 def test_tent_reads_val_in_a_fixed_random_order(tmp_path, source_run, monkeypatch, method, online):
-    """Tent normalises each val batch with its own statistics, so data.val (a folder: class by
-    class) is read in an order drawn with the subset seed, the same at every start; shot
-    scores with running statistics and keeps the folder's order."""
+    """Tent normalises each val batch with its own statistics, so data.val and
+    adapt.source_val (folders: class by class) are read in an order drawn with the subset
+    seed, the same at every start; shot scores with running statistics and keeps the
+    folders' order."""
     import tlkd.recipes.adapt as recipe
     from tlkd.config.loader import validate
 
     seen = []
-    monkeypatch.setattr(recipe, "train", lambda exp, *a, **k: seen.append(exp))
+    monkeypatch.setattr(recipe, "train", lambda exp, objective, *a, **k: seen.append(objective))
+    monkeypatch.setattr(recipe, "build_experiment", _keeping(recipe.build_experiment, seen))
     extra = {"online": True} if online else {}
-    cfg = validate(_sf_config(tmp_path, source_run, method, epochs=1, **extra))
+    cfg = _sf_config(tmp_path, source_run, method, epochs=1, **extra)
+    cfg["adapt"]["source_val"] = cfg["data"]["val"]  # a labelled folder: class by class
+    cfg = validate(cfg)
     recipe.adapt(cfg)
     recipe.adapt(cfg)
-    first, again = ([v.path(i) for i in range(len(v))] for v in (e.splits.val for e in seen))
+    exp, objective, exp2, _ = seen
+    first, again = ([v.path(i) for i in range(len(v))] for v in (exp.splits.val, exp2.splits.val))
     assert first == again and sorted(first) == sorted(again)
     assert (first != sorted(first)) is (method == "tent")
-    if method == "tent":  # the first batch of 8 holds more than one class
-        stream = seen[0].loaders.train if online else seen[0].loaders.val
-        assert len(set(next(iter(stream))[1].tolist())) > 1
+    # the labels as the loaders deliver them: class by class for shot, mixed for tent
+    stream = exp.loaders.train if online else exp.loaders.val
+    for loader in (stream, objective.source_val):
+        labels = torch.cat([y for _, y in loader]).tolist()
+        assert (labels != sorted(labels)) is (method == "tent")
+
+
+def _keeping(build, seen):
+    def wrapped(*args, **kwargs):
+        seen.append(build(*args, **kwargs))
+        return seen[-1]
+
+    return wrapped
 
 
 def test_source_free_config_errors(tmp_path, source_run, write_config, run_cli):

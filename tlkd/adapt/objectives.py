@@ -38,8 +38,9 @@ class DomainObjective(Objective):
     # to read as it likes (e.g. SHOT's clustering); without ``uses_target_stats`` no BatchNorm
     # re-estimation follows from it
     reads_target_set: ClassVar[bool] = False
-    # BatchNorm normalises each val batch with its own statistics: data.val is then read in a
-    # fixed random order (tlkd.data.datasets.shuffled), not its folder's class by class one
+    # BatchNorm normalises each val batch with its own statistics: data.val and
+    # adapt.source_val are then read in a fixed random order (tlkd.data.datasets.shuffled),
+    # not their folders' class-by-class one
     val_batch_stats: ClassVar[bool] = False
     title: ClassVar[str] = ""  # the method's name in plan lines
 

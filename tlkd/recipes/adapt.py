@@ -11,7 +11,7 @@ from typing import Any
 
 from tlkd.adapt.registry import METHODS
 from tlkd.config.schema import Config
-from tlkd.data.datasets import labeled_folder, unlabeled
+from tlkd.data.datasets import labeled_folder, shuffled, unlabeled
 from tlkd.data.paired import PairedLoader
 from tlkd.data.pipeline import extra_loader
 from tlkd.engine import distributed
@@ -88,6 +88,8 @@ def adapt(
             raise ConfigError(
                 "adapt.source_val", f"has classes {source.classes}, not {exp.classes}"
             )
+        if method.val_batch_stats:  # batch statistics need batches of mixed classes
+            source = shuffled(source, subset_seed(cfg))
         source_val = extra_loader(cfg, source, exp.model_cfg, exp.device, train=False, **opts)
     stats = None
     # eval views of the target: its BatchNorm statistics before val, or read by the objective
