@@ -36,7 +36,6 @@ TABLES: dict[str, tuple[list[tuple[str, str]], list[tuple[str, str]]]] = {
             ("linear probe (backbone frozen)", "cifar5-probe"),
             ("LP-FT (10 epochs probe, then 10 all)", "cifar5-lpft"),
             ("L2-SP (α 0.01, β 0.01)", "cifar5-l2sp"),
-            ("scratch", "cifar5-scratch"),
         ],
         [],
     ),
