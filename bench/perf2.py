@@ -220,8 +220,8 @@ def kd(ctx) -> dict:
 
 def cache56(ctx) -> dict:
     """configs/cifar10-distill/cache-live.yaml vs cache-bank.yaml with 4 views (resnet56 ->
-    resnet20, 4 seeds, 8 epochs of 5,000 images; the teacher the distill configs name), each
-    sweep paying for its own bank; back to back."""
+    resnet20, 4 seeds, 8 epochs of 5,000 images; the teacher the distill configs name, or
+    --teacher), each sweep paying for its own bank; back to back."""
     out = {}
     tl = str(Path(PY).with_name("tlkd"))
     cache = WORK / "cache-perf2"  # the bench's own: decoded images kept, teacher files not
@@ -232,7 +232,9 @@ def cache56(ctx) -> dict:
     folder = REPO / "configs" / "cifar10-distill"
     # untimed: one short live run pays what both sides share (decoding the images into the
     # cache folder, precision/channels_last and teacher-runtime timing), so neither sweep does
-    run([tl, "distill", str(folder / "cache-live.yaml"), "train.epochs=1", "-q",
+    # --teacher: another trained resnet56 run (the speed does not depend on how good it is)
+    teacher = [f"teacher.pretrained={ctx['teacher']}"] if ctx.get("teacher") else []
+    run([tl, "distill", str(folder / "cache-live.yaml"), "train.epochs=1", "-q", *teacher,
          "experiment=warm-up", f"data.cache_dir={cache}", f"output_dir={ctx['tmp'] / 'warm'}"],
         cwd=REPO)  # fmt: skip
     for label, config, over in sides:
@@ -240,7 +242,7 @@ def cache56(ctx) -> dict:
             f.unlink()  # a fresh bank (and teacher val score): each sweep pays for its own
         runs = ctx["tmp"] / f"runs-{label}"
         t0 = time.perf_counter()
-        over = [*over, f"data.cache_dir={cache}", f"output_dir={runs}"]
+        over = [*over, *teacher, f"data.cache_dir={cache}", f"output_dir={runs}"]
         run([tl, "sweep", str(folder / config), *over], cwd=REPO)
         out[f"{label}_sweep_s"] = time.perf_counter() - t0
         # accuracy: the target is speed at an accuracy within the seed spread
@@ -372,13 +374,16 @@ def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench.perf2", description=__doc__)
     p.add_argument("name", choices=list(COMPARISONS))
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--teacher", help="cache56: a resnet56 run to distil from (default: kd.yaml's)")
     args = p.parse_args()
     ctx = {
         "train": subset("train", 512),
         "val_small": subset("test", 20),
         "repeats": args.repeats,
+        "teacher": args.teacher and str(Path(args.teacher).resolve()),
     }
-    results = header(f"python -m bench.perf2 {args.name} --repeats {args.repeats}")
+    cmd = f"python -m bench.perf2 {args.name} --repeats {args.repeats}"
+    results = header(cmd + (f" --teacher {args.teacher}" if args.teacher else ""))
     with tempfile.TemporaryDirectory(prefix="tlkd-perf2-") as tmp:
         ctx["tmp"] = Path(tmp)
         t0 = time.perf_counter()
