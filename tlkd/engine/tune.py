@@ -203,11 +203,12 @@ def _measure(model, device, batch_shape, train, precisions, layouts):
     return best, timings
 
 
-# train.compile: auto. torch.compile pays its compilation once per run (about a minute for a
-# CIFAR ResNet on this project's 2-core CPU, docs/performance.md section 6) and gains a share of
-# every later step. A fixed rule, not a measurement per run: off on CPU and mps (section 6:
-# 1.13x per step for 63 s of compilation, more than a short run saves), on for CUDA runs of
-# 2,000+ steps (not yet measured here: no GPU; `python -m bench.perf2 compile` measures CPU).
+# train.compile: auto. torch.compile pays its compilation once per run and gains a share of
+# every later step. A fixed rule, not a measurement per run: off on CPU and mps, because on a
+# CPU the sign of the gain depends on the model (docs/performance.md section 10, fp32 on 2
+# cores: 0.80x to 2.51x per step over resnet20, resnet18 and mobilenetv3_small_100 at 32 and
+# 224 px, 18-69 s to compile; a 120-step tlkd run 0.71x), so no step count makes every run
+# faster; on for CUDA runs of 2,000+ steps (not measured here: no GPU was lent).
 COMPILE_MIN_STEPS = {"cuda": 2000}  # device type -> planned steps from which auto compiles
 
 
@@ -236,8 +237,8 @@ def compile_rule(device: torch.device, planned_steps: int) -> tuple[bool, str]:
         return False, f"torch.compile cannot compile for {device.type} here (no Triton)"
     if least is None:
         return False, (
-            f"on {device.type} the compilation costs more than it gains over a run "
-            "(docs/performance.md section 6)"
+            f"on {device.type} whether compiling pays depends on the model: 0.8-2.5x per step "
+            "for 18-69 s of compilation (docs/performance.md section 10)"
         )
     if planned_steps < least:
         return False, f"{planned_steps:,} steps: too short to pay back the compilation"
