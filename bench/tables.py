@@ -19,6 +19,8 @@ TABLES: dict[str, tuple[list[tuple[str, str]], list[tuple[str, str]]]] = {
         [
             ("source only", "c10-adapt-source"),
             ("AdaBN (no training)", "c10-adapt-adabn"),
+            ("pseudo-labelling (≥ 0.95, per-domain BN)", "c10-adapt-pseudo"),
+            ("DANN (per-domain BN)", "c10-adapt-dann"),
             ("MCC (T 2.5, weight 1)", "c10-adapt-mcc"),
             ("CDAN+E (weight 1)", "c10-adapt-cdan"),
             ("SHOT, **source-free**", "c10-adapt-shot"),
