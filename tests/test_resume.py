@@ -5,7 +5,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -183,8 +182,10 @@ def _signal_during(tmp_path, config, sig, epoch=2, times=1):
     for line in proc.stdout:
         if line.startswith(f"epoch {epoch}/3 step 5/"):
             for i in range(times):
-                if i:
-                    time.sleep(0.3)  # let the first signal's handler run
+                if i:  # once the first signal's handler has run (it says so on stderr)
+                    for said in iter(proc.stderr.readline, ""):
+                        if said.startswith(f"{sig.name}: stopping"):
+                            break
                 proc.send_signal(sig)
             break
     out, err = proc.communicate(timeout=300)
@@ -206,10 +207,10 @@ def test_stop_signal_checkpoints_the_step_and_resume_is_exact(tmp_path, resumabl
 
 
 def test_second_ctrl_c_exits_at_once(tmp_path, resumable):
-    # accumulating over the whole epoch: the first Ctrl-C waits for the epoch's end
-    config = resumable(
-        "twice", train={**yaml.safe_load(resumable("x").read_text())["train"], "accum_steps": 1000}
-    )
+    # accumulating over the whole epoch: the first Ctrl-C waits for the epoch's end; batch 2
+    # (24 steps an epoch) leaves 19 steps for the second Ctrl-C to land in on a fast machine
+    train = yaml.safe_load(resumable("x").read_text())["train"]
+    config = resumable("twice", train={**train, "accum_steps": 1000, "batch_size": 2})
     returncode, err = _signal_during(tmp_path, config, signal.SIGINT, times=2)
     assert returncode == 130, err
     # quit at once (KeyboardInterrupt: "interrupted"), not the first Ctrl-C's orderly stop at
