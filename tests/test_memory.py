@@ -65,6 +65,53 @@ def test_sampled_crops_respect_scale_ratio_and_flip_probability():
     assert w.min() > 1 / (2**0.5 * (4 / 3) ** 0.5) - 0.05 and w.max() < (4 / 3) ** 0.5 + 0.05
 
 
+def _smooth(n=3, h=60, w=80, seed=0):
+    """Photo-like uint8 images (a blurred noise field): resampling errors stay small."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 3, h // 4, w // 4, generator=g)
+    x = torch.nn.functional.interpolate(x, size=(h, w), mode="bicubic", align_corners=False)
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def test_views_of_large_images_match_pil_crop_and_resize():
+    """Images larger than the view are cut and resized one by one (CPU): each view equals
+    PIL's crop + antialiased bilinear resize, timm's per-image path, to a grey level."""
+    from PIL import Image
+
+    x = _smooth()
+    aug = BatchAugment(AugmentConfig(color_jitter=0.0), 24, (0, 0, 0), (1, 1, 1))
+    boxes = [(10, 4, 40, 30), (0, 0, 80, 60), (33, 17, 47, 43)]  # left, top, width, height
+    params = _identity(3)
+    for i, (left, top, bw, bh) in enumerate(boxes):
+        params[i, :4] = torch.tensor([(left + bw / 2) / 80, (top + bh / 2) / 60, bw / 80, bh / 60])
+    params[2, 4] = 1  # the last one mirrored
+    out = (aug.apply(x, params) * 255).round()
+    for i, (left, top, bw, bh) in enumerate(boxes):
+        pil = Image.fromarray(x[i].permute(1, 2, 0).numpy())
+        ref = pil.crop((left, top, left + bw, top + bh)).resize((24, 24), Image.BILINEAR)
+        if i == 2:
+            ref = ref.transpose(Image.FLIP_LEFT_RIGHT)
+        ref = torch.from_numpy(np.array(ref)).permute(2, 0, 1).float()
+        assert (out[i] - ref).abs().max() <= 1, i
+    # the same views through an index into the stored images (no gather of whole images)
+    idx = torch.tensor([2, 0])
+    torch.testing.assert_close(
+        aug.apply(x, params[[2, 0]], idx), aug.apply(x[idx], params[[2, 0]]), atol=0, rtol=0
+    )
+
+
+def test_a_box_past_the_edge_is_zero_padded_on_large_images():
+    """timm's RandomCropOrPad pads with zeros: so does the per-image path."""
+    x = torch.full((1, 3, 40, 40), 200, dtype=torch.uint8)
+    aug = BatchAugment(AugmentConfig(crop_mode="rkrc", color_jitter=0.0), 20, (0,) * 3, (1,) * 3)
+    params = _identity(1)
+    params[0, :4] = torch.tensor([0.5, 0.5, 2.0, 1.0])  # twice the width: padded left and right
+    out = aug.apply(x, params)[0]
+    assert out[:, :, :4].max() == 0 and out[:, :, -4:].max() == 0
+    inside = torch.full((3, 20, 8), 200 / 255)
+    torch.testing.assert_close(out[:, :, 6:14], inside, atol=1e-6, rtol=0)
+
+
 def test_color_jitter_changes_brightness_within_bounds():
     x = torch.full((2, 3, 4, 4), 100, dtype=torch.uint8)
     aug = BatchAugment(AugmentConfig(color_jitter=0.5), 4, (0, 0, 0), (1, 1, 1))

@@ -3,20 +3,25 @@
 timm's transforms work on one PIL image at a time in DataLoader workers; on a small machine
 those workers compete with the model for the cores. Here every random choice of timm's
 crop modes (``rrc``, ``rkrc``, ``rkrr``), the flips, the brightness/contrast/saturation
-jitter and random greyscale is drawn per image as a row of numbers (``sample``), and the whole
-batch is then resampled with one ``grid_sample`` call and blended with a few tensor ops
-(``apply``). torch
-and torchvision have no batched, per-image-parameter version of these transforms, hence this
-module. Keeping the parameters explicit also lets the teacher cache store a view as a row.
+jitter and random greyscale is drawn per image as a row of numbers (``sample``), and the views
+are then cut out and resized (``apply``): on a CPU image by image with torch's uint8 resize
+kernels (antialiased, as PIL resizes: 3.5x faster than resampling the whole float batch when
+the stored images are larger than the view, measured in docs/performance.md section 10), on
+an accelerator for the whole batch with one ``grid_sample`` call; the colour changes are a
+few tensor ops on the batch. torch and torchvision have no batched, per-image-parameter
+version of these transforms, hence this module. Keeping the parameters explicit also lets
+the teacher cache store a view as a row.
 
-Differences from the PIL path, all small: bilinear/bicubic resampling without antialiasing,
-reflection padding by ``grid_sample``, and jitter applied in a fixed order (brightness,
-contrast, saturation) instead of a random one, then the random grey.
+Differences from the PIL path, all small: boxes rounded to whole source pixels (CPU) or
+sampled at sub-pixel positions without antialiasing and with reflection padding
+(``grid_sample``), and jitter applied in a fixed order (brightness, contrast, saturation)
+instead of a random one, then the random grey.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -63,25 +68,21 @@ class BatchAugment:
         grey = torch.rand(n, 1, generator=g) < aug.grayscale
         return torch.cat([box, flips.float(), jitter.clamp_min(0), grey.float()], dim=1)
 
-    def apply(self, images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-        """Views of uint8 ``images`` (N, C, H, W) given by ``params``: normalised float32."""
-        x = images.float().div_(255)
-        params = params.to(x.device)
-        cx, cy, w, h, hf, vf = params[:, :6].unbind(1)
-        theta = torch.zeros(len(x), 2, 3, device=x.device)
-        # output pixel (u, v) in [-1, 1] samples the box: centre + half size, mirrored by flips
-        theta[:, 0, 0] = w * (1 - 2 * hf)
-        theta[:, 1, 1] = h * (1 - 2 * vf)
-        theta[:, 0, 2] = 2 * cx - 1
-        theta[:, 1, 2] = 2 * cy - 1
-        grid = F.affine_grid(theta, [len(x), x.shape[1], self.size, self.size], align_corners=False)
-        x = F.grid_sample(
-            x,
-            grid,
-            mode=_GRID_MODE[self.interpolation],
-            padding_mode="reflection",
-            align_corners=False,
-        )
+    def apply(
+        self, images: torch.Tensor, params: torch.Tensor, index: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Views of uint8 ``images`` (N, C, H, W), or of ``images[index]``, given by
+        ``params``: normalised float32. Images larger than the view are cut and resized one by
+        one on a CPU (no copy of the whole images); otherwise the batch is resampled at once."""
+        h, w = images.shape[-2:]
+        if images.device.type == "cpu" and h * w > self.size**2:
+            rows = index.tolist() if index is not None else range(len(images))
+            x = _resize_each(images, rows, params, self.size, self.interpolation)
+            x = x.float().div_(255)
+        else:
+            x = images if index is None else images[index.to(images.device)]
+            params = params.to(x.device)
+            x = _resample_batch(x.float().div_(255), params, self.size, self.interpolation)
         if self.aug.color_jitter > 0:
             x = _jitter(x, params[:, 6:9])
         if self.aug.grayscale > 0:
@@ -90,6 +91,56 @@ class BatchAugment:
         mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
         return x.sub_(mean).div_(std)
+
+
+def _resize_each(
+    images: torch.Tensor, rows: Sequence[int], params: torch.Tensor, size: int, mode: str
+) -> torch.Tensor:
+    """Box ``i`` of ``params`` cut from the uint8 image ``images[rows[i]]`` (rounded to whole
+    pixels, zeros where it extends past the image, as timm's RandomCropOrPad pads) and resized
+    to ``size`` by torch's uint8 kernels, then flipped: uint8 (len(rows), C, size, size)."""
+    _, c, height, width = images.shape
+    out = torch.empty(len(rows), c, size, size, dtype=torch.uint8)
+    boxes = params[:, :4].double() * torch.tensor([width, height, width, height])
+    bw, bh = boxes[:, 2].round().clamp_min(1), boxes[:, 3].round().clamp_min(1)
+    left = (boxes[:, 0] - bw / 2).round()
+    top = (boxes[:, 1] - bh / 2).round()
+    pixel_boxes = torch.stack([top, left, bh, bw], 1).long().tolist()
+    interp = {"mode": mode, "antialias": mode != "nearest"}
+    if mode != "nearest":
+        interp["align_corners"] = False
+    for i, (row, (top, lft, h, w)) in enumerate(zip(rows, pixel_boxes, strict=True)):
+        t0, l0 = max(top, 0), max(lft, 0)
+        t1, l1 = min(top + h, height), min(lft + w, width)
+        crop = images[row, :, t0:t1, l0:l1]
+        if (t1 - t0, l1 - l0) != (h, w):  # a box past the edges: zero padding
+            pad = (l0 - lft, lft + w - l1, t0 - top, top + h - t1)
+            crop = F.pad(crop, tuple(max(p, 0) for p in pad))
+        # channels-last uint8 is the layout torch's vectorised resize kernels take
+        crop = crop.unsqueeze(0).contiguous(memory_format=torch.channels_last)
+        out[i] = F.interpolate(crop, size=(size, size), **interp)[0]
+    flip = params[:, 4:6] > 0.5
+    if flip[:, 0].any():
+        out[flip[:, 0]] = out[flip[:, 0]].flip(-1)
+    if flip[:, 1].any():
+        out[flip[:, 1]] = out[flip[:, 1]].flip(-2)
+    return out
+
+
+def _resample_batch(x: torch.Tensor, params: torch.Tensor, size: int, mode: str) -> torch.Tensor:
+    """The views of float ``x`` by one ``grid_sample`` over the batch (sub-pixel boxes,
+    reflection padding, no antialiasing): what suits an accelerator."""
+    cx, cy, w, h, hf, vf = params[:, :6].unbind(1)
+    theta = torch.zeros(len(x), 2, 3, device=x.device)
+    # output pixel (u, v) in [-1, 1] samples the box: centre + half size, mirrored by flips
+    theta[:, 0, 0] = w * (1 - 2 * hf)
+    theta[:, 1, 1] = h * (1 - 2 * vf)
+    theta[:, 0, 2] = 2 * cx - 1
+    theta[:, 1, 2] = 2 * cy - 1
+    grid = F.affine_grid(theta, [len(x), x.shape[1], size, size], align_corners=False)
+    return F.grid_sample(
+        x, grid, mode=_GRID_MODE[mode], padding_mode="reflection", align_corners=False
+    )
 
 
 def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:

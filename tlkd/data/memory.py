@@ -260,6 +260,11 @@ class MemoryLoader:
 
     def views(self, idx: torch.Tensor, params: torch.Tensor | None = None) -> torch.Tensor:
         """The batch ``idx`` as model input; random views unless ``params`` fixes them."""
+        if self.augment is not None and self.device == self.images.device:
+            if params is None:
+                h, w = self.images.shape[2:]
+                params = self.augment.sample(len(idx), h, w, self.generator)
+            return self.augment.apply(self.images, params, idx)
         x = self.images[idx.to(self.images.device)]
         if x.device != self.device:  # host images for an accelerator: one copy per batch
             x = x.pin_memory().to(self.device, non_blocking=True)

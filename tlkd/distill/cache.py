@@ -31,7 +31,7 @@ from tlkd.distill.teacher import Teacher
 from tlkd.engine.device import autocast
 from tlkd.run.rundir import replacing
 
-VERSION = 1
+VERSION = 2  # 2: CPU views of images larger than the view are cut and resized per image
 
 
 def digest(*parts: object) -> str:
