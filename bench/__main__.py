@@ -110,12 +110,15 @@ def tlkd_config(tmp: Path, name: str, train: Path, val: Path, **over) -> dict:
     return cfg
 
 
-def tlkd(mode: str, cfg: dict, tmp: Path, *extra: str) -> dict:
-    """Run ``tlkd mode`` on ``cfg``; the run's summary plus its first epoch's metrics row."""
+def tlkd(
+    mode: str, cfg: dict, tmp: Path, *extra: str, launcher: tuple[str, ...] = ("-m", "tlkd")
+) -> dict:
+    """Run ``tlkd mode`` on ``cfg``; the run's summary plus its first epoch's metrics row.
+    ``launcher``: what follows the interpreter (a ``-c`` program that patches tlkd first)."""
     path = tmp / f"{cfg['experiment']}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     t0 = time.perf_counter()
-    run([PY, "-m", "tlkd", mode, str(path), "-q", *extra], cwd=tmp)
+    run([PY, *launcher, mode, str(path), "-q", *extra], cwd=tmp)
     wall = time.perf_counter() - t0
     runs = sorted((tmp / "runs").glob(f"{cfg['experiment']}*"), key=os.path.getmtime)
     rd = runs[-1]

@@ -117,3 +117,31 @@ def test_jpeg_draft_reaches_training_images_only(tiny_config):
         assert isinstance(loader, ImageLoader) and (loader.min_side > 0) is on
         assert exp.loaders.val.loader.dataset.base.base.loader.min_side == 0
         assert torch.is_tensor(next(iter(exp.loaders.val))[0])
+
+
+def test_in_memory_store_holds_training_jpegs_at_the_reduced_scale(jpegs, tmp_path_factory):
+    """The in-memory path stores training JPEGs decoded like the loader workers' (1024 x 768
+    px files at 1/8 scale: 96 px still cover the 53 px short side 32 px views at scale 0.5
+    need), val views whole-decoded then resized; off: full size."""
+    from tlkd.config.schema import Config
+    from tlkd.data.datasets import build_splits
+    from tlkd.data.pipeline import build_loaders
+
+    model_cfg = {"mean": (0.5,) * 3, "std": (0.5,) * 3, "input_size": (3, 32, 32)}
+    for draft, side in ((True, 128), (False, 1024)):
+        cfg = Config.model_validate({
+            "model": {"name": "resnet20"},
+            "data": {
+                "train": str(jpegs), "val": str(jpegs), "image_size": 32, "crop_pct": 1.0,
+                "in_memory": True, "jpeg_draft": draft, "interpolation": "bilinear",
+                "cache_dir": str(tmp_path_factory.mktemp("cache")),
+                "augment": {"scale": [0.5, 1.0]}, "num_workers": 0,
+            },
+            "train": {"batch_size": 2},
+        })  # fmt: skip
+        loaders = build_loaders(cfg, build_splits(cfg.data, 0), model_cfg, torch.device("cpu"))
+        assert needed_side(32, 1.0, cfg.data.augment) == 53
+        assert loaders.train.images.shape[2:] == (side * 3 // 4, side)
+        assert loaders.val.images.shape[2:] == (32, 32)
+        x, _ = next(iter(loaders.train))
+        assert x.shape == (2, 3, 32, 32) and torch.isfinite(x).all()

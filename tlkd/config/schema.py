@@ -168,8 +168,9 @@ class DataConfig(Section):
     in_memory: bool | Literal["auto"] = "auto"
     cache_dir: Path | None = None  # default: $TLKD_CACHE_DIR or ~/.cache/tlkd
     skip_bad_images: bool = False  # decode every file first; leave out (and count) bad ones
-    # loader-worker path: decode JPEGs at 1/2, 1/4 or 1/8 scale where the smaller image still
-    # holds every pixel the transforms sample (tlkd/data/decode.py); false: full decodes
+    # training images (loader workers and the in-memory store): decode JPEGs at 1/2, 1/4 or
+    # 1/8 scale where the smaller image still holds every pixel the transforms sample
+    # (tlkd/data/decode.py); false: full decodes
     jpeg_draft: bool = True
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 

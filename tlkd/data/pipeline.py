@@ -228,6 +228,15 @@ def _drafted(data: DataConfig, ds: LabeledImages) -> LabeledImages:
     return decode.with_draft(ds, side)
 
 
+def _train_store(data: DataConfig, ds: LabeledImages) -> tuple[LabeledImages, str]:
+    """Training images as the in-memory path stores them (JPEGs reduced like the loader
+    workers', ``_drafted``: less memory and a cheaper cut per view), with their cache tag."""
+    if not data.jpeg_draft:
+        return ds, "train"
+    side = decode.needed_side(data.image_size, data.crop_pct, data.augment)
+    return _drafted(data, ds), f"train|draft{side}"
+
+
 def _in_memory(
     cfg: Config, splits: Splits, eval_tf: Callable, log: Callable[[str], None]
 ) -> tuple[torch.Tensor, torch.Tensor, bool] | str:
@@ -241,8 +250,9 @@ def _in_memory(
     reason = unsupported(data.augment)
     cache = memory.usable_cache_dir(data.cache_dir) if reason is None else None
     mapped, over = False, "the images"
+    train_ds, train_tag = _train_store(data, splits.train)
     if reason is None:
-        need = memory.estimate_bytes(splits.train, None)
+        need = memory.estimate_bytes(train_ds, None)
         need += memory.estimate_bytes(splits.val, pil_eval)
         budget = memory.MEMORY_FRACTION * memory.available_memory()
         if need > budget:
@@ -258,7 +268,7 @@ def _in_memory(
         workers = data.num_workers if data.num_workers is not None else default_workers()
 
         def load() -> tuple[torch.Tensor, torch.Tensor]:
-            train = memory.load_images(splits.train, None, "train", cache, workers, log, mapped)
+            train = memory.load_images(train_ds, None, train_tag, cache, workers, log, mapped)
             val = memory.load_images(
                 splits.val, pil_eval, f"eval|{pil_eval!r}", cache, workers, log, mapped
             )
@@ -311,7 +321,8 @@ def extra_loader(
         pil_eval = memory.pil_stage(eval_tf)
         try:
             if train:
-                images = memory.load_images(ds, None, "train", cache, workers, log)
+                store, tag = _train_store(cfg.data, ds)
+                images = memory.load_images(store, None, tag, cache, workers, log)
                 (images,) = memory.to_device([images], device)
                 augment = BatchAugment(
                     cfg.data.augment, cfg.data.image_size, mean, std, cfg.data.interpolation
