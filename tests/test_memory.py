@@ -10,11 +10,13 @@ import pytest
 import torch
 import yaml
 from conftest import error_line, small_config, write_images
+from PIL import Image
 
 from tlkd.config.schema import AugmentConfig, DataConfig
 from tlkd.data import memory
 from tlkd.data.batch_aug import BatchAugment
 from tlkd.data.datasets import LabeledImages, build_splits
+from tlkd.data.ragged import Ragged
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
@@ -150,6 +152,103 @@ def test_images_of_mixed_sizes_raise_not_uniform(tmp_path):
     write_images(tmp_path / "imgs", classes=("red",), per_class=1, size=20, seed=5)
     with pytest.raises(memory.NotUniform):
         memory.load_images(_dataset(root), None, "train", tmp_path / "cache", 0)
+
+
+def test_a_size_per_image_samples_like_one_size_and_keeps_boxes_inside():
+    """sample() with a size per image draws what one shared size draws (same generator), and
+    with sizes that differ each rrc box lies in its own image at the configured area."""
+    for mode in ("rrc", "rkrr", "rkrc"):
+        aug = BatchAugment(AugmentConfig(crop_mode=mode, scale=(0.3, 0.9)), 16, MEAN, STD)
+        one = aug.sample(64, 30, 40, torch.Generator().manual_seed(1))
+        h, w = torch.full((64,), 30.0), torch.full((64,), 40.0)
+        each = aug.sample(64, h, w, torch.Generator().manual_seed(1))
+        torch.testing.assert_close(each, one, atol=1e-6, rtol=0)  # float32 rounding
+    aug = BatchAugment(AugmentConfig(scale=(0.3, 0.9), ratio=(0.75, 1.33)), 16, MEAN, STD)
+    h = torch.tensor([30.0, 300.0, 20.0, 90.0]).repeat(500)
+    w = torch.tensor([40.0, 100.0, 80.0, 90.0]).repeat(500)
+    p = aug.sample(len(h), h, w, torch.Generator().manual_seed(2))
+    assert (p[:, 0] - p[:, 2] / 2).min() >= 0 and (p[:, 0] + p[:, 2] / 2).max() <= 1 + 1e-6
+    assert (p[:, 1] - p[:, 3] / 2).min() >= 0 and (p[:, 1] + p[:, 3] / 2).max() <= 1 + 1e-6
+    # a box of a tall image is tall in pixels only within the allowed aspect ratio
+    aspect = (p[:, 2] * w) / (p[:, 3] * h)
+    drawn = p[:, 2] * p[:, 3] < 0.999  # not the whole-image fallback
+    assert aspect[drawn].min() > 0.7 and aspect[drawn].max() < 1.4
+    area = p[:, 2] * p[:, 3]
+    assert area[drawn].min() > 0.25 and area[drawn].max() < 0.95
+
+
+def _mixed_folder(root):
+    """A class folder of 16 px squares and one of 24 x 18 px images: two sizes."""
+    write_images(root, classes=("red", "green"), per_class=3)
+    for i in range(3):
+        rgb = np.random.default_rng(i).integers(0, 256, (18, 24, 3), dtype=np.uint8)
+        (root / "blue").mkdir(exist_ok=True)
+        Image.fromarray(rgb).save(root / "blue" / f"{i}.png")
+    return root
+
+
+def test_images_of_several_sizes_are_stored_ragged_cached_and_mapped(tmp_path, monkeypatch):
+    root = _mixed_folder(tmp_path / "imgs")
+    ds = _dataset(root)
+    logs: list[str] = []
+    store = memory.load_images(ds, None, "train", tmp_path / "cache", 0, logs.append, ragged=True)
+    assert isinstance(store, Ragged) and len(store) == 9
+    for i in range(9):  # each image its own pixels, at its own size
+        img, _ = ds[i]
+        assert torch.equal(store[i], torch.from_numpy(np.array(img)).permute(2, 0, 1))
+    h, w = store.sizes()
+    assert sorted(set(zip(h.tolist(), w.tolist(), strict=True))) == [(16.0, 16.0), (18.0, 24.0)]
+    decoded = len(logs)
+    again = memory.load_images(ds, None, "train", tmp_path / "cache", 0, logs.append, ragged=True)
+    assert len(logs) == decoded and torch.equal(again.data, store.data)  # read back
+    mapped_files: list = []
+    real_memmap = np.memmap
+    monkeypatch.setattr(
+        np, "memmap", lambda *a, **k: mapped_files.append(a[0]) or real_memmap(*a, **k)
+    )
+    mapped = memory.load_images(
+        ds, None, "train", tmp_path / "cache", 0, logs.append, mapped=True, ragged=True
+    )
+    assert len(logs) == decoded and [p.suffix for p in mapped_files] == [".u8"]
+    assert torch.equal(mapped.data, store.data)
+    # views: each image's box cut and resized at its own size, as PIL would
+    aug = BatchAugment(AugmentConfig(color_jitter=0.0), 8, (0,) * 3, (1,) * 3)
+    params = _identity(2)
+    params[:, :4] = torch.tensor([0.5, 0.5, 0.5, 0.5])  # the central half of each side
+    idx = torch.tensor([0, 8])  # a 16 px square and a 24 x 18 image
+    out = (aug.apply(store, params, idx) * 255).round()
+    for k, i in enumerate(idx.tolist()):
+        img, _ = ds[i]
+        width, height = img.size
+        box = (width // 4, height // 4, width // 4 + width // 2, height // 4 + height // 2)
+        ref = np.array(img.crop(box).resize((8, 8), Image.BILINEAR))
+        assert (out[k] - torch.from_numpy(ref).permute(2, 0, 1).float()).abs().max() <= 1
+
+
+def test_a_folder_of_several_sizes_trains_in_memory_and_mapped_alike(
+    tmp_path, write_config, run_cli, monkeypatch
+):
+    """A folder whose images differ in size takes the in-memory path (auto), and its
+    memory-mapped form learns exactly what the in-memory one learns."""
+    from safetensors.torch import load_file
+
+    root = _mixed_folder(tmp_path / "imgs")
+    cfg = small_config(tmp_path, root, root, train={"epochs": 2, "batch_size": 4})
+    cfg["data"]["cache_dir"] = str(tmp_path / "cache")
+    proc = run_cli("finetune", write_config(cfg, "ram.yaml"), "experiment=ram")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((tmp_path / "runs" / "ram" / "summary.json").read_text())
+    assert summary["data_path"].startswith("in memory") and "several sizes" in summary["data_path"]
+    cfg["data"]["cache_dir"] = str(tmp_path / "cache2")
+    monkeypatch.setattr(memory, "available_memory", lambda: 1000)  # bytes: nothing fits
+    proc = run_cli("finetune", write_config(cfg, "mapped.yaml"), "experiment=mapped")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((tmp_path / "runs" / "mapped" / "summary.json").read_text())
+    assert summary["data_path"].startswith("memory-mapped") and "several" in summary["data_path"]
+    assert len(list((tmp_path / "cache2" / "images").glob("*.ragged.u8"))) == 1
+    a = load_file(tmp_path / "runs" / "ram" / "model.safetensors")
+    b = load_file(tmp_path / "runs" / "mapped" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_loader_replays_an_epoch_from_its_generator_state(tmp_path):

@@ -12,6 +12,7 @@ from tlkd.config import load_config
 from tlkd.config.schema import AugmentConfig
 from tlkd.data.batch_aug import BatchAugment
 from tlkd.data.memory import MemoryLoader
+from tlkd.data.ragged import Ragged
 from tlkd.distill.cache import CachedViews, Slot, build_bank
 from tlkd.distill.teacher import Teacher
 from tlkd.errors import ConfigError
@@ -60,6 +61,34 @@ def test_cached_logits_are_the_teachers_on_the_views_served(tmp_path):
     other = build_bank(loader, [_teacher(1)], [True], 3, 0, None, cpu, tmp_path, logs.append)
     assert other.built_s > 0 and torch.equal(other.params, bank.params)
     assert not torch.allclose(other.logits[0], bank.logits[0])
+
+
+def test_a_bank_of_images_of_several_sizes_serves_each_its_views(tmp_path):
+    """A Ragged store (a folder of several image sizes): views drawn at each image's own
+    size, the teacher's cached logits equal to its live ones on the views served."""
+    g = torch.Generator().manual_seed(0)
+    sizes = [(16, 16), (20, 28), (24, 18)] * 4
+    pixels = [torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8) for h, w in sizes]
+    offsets = torch.tensor([0, *(p.numel() for p in pixels)]).cumsum(0)[:-1]
+    index = torch.cat([offsets[:, None], torch.tensor([(3, h, w) for h, w in sizes])], 1)
+    store = Ragged(torch.cat([p.reshape(-1) for p in pixels]), index)
+    aug = BatchAugment(AugmentConfig(scale=(0.5, 1.0)), 16, MEAN, STD)
+    loader = MemoryLoader(
+        store, torch.arange(12) % 10, list(range(12)), 4, MEAN, STD, aug,
+        torch.Generator().manual_seed(1), drop_last=True,
+    )  # fmt: skip
+    teacher, cpu = _teacher(), torch.device("cpu")
+    bank = build_bank(loader, [teacher], [True], 2, 0, None, cpu, tmp_path, lambda m: None)
+    # each stored box fits its own image: in pixels, within the configured area
+    h, w = (s.repeat_interleave(2) for s in store.sizes())
+    area = bank.params[..., 2].reshape(-1) * bank.params[..., 3].reshape(-1)
+    assert area.min() >= 0.45 and area.max() <= 1.0 + 1e-6 and len(set(h.tolist())) == 3
+    slot = Slot()
+    for images, _ in CachedViews(loader, bank, slot):
+        assert images.shape[1:] == (3, 16, 16)
+        with torch.inference_mode():
+            live, _ = teacher(images)
+        torch.testing.assert_close(slot.logits[0], live, atol=1e-4, rtol=1e-4)
 
 
 def _distill_cfg(tmp_path, name, *extra):

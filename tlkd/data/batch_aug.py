@@ -28,11 +28,13 @@ import torch
 import torch.nn.functional as F
 
 from tlkd.config.schema import AugmentConfig
+from tlkd.data.ragged import Ragged
 
 # params columns: box centre x, y and size w, h as fractions of the source image, then
 # horizontal flip, vertical flip (0/1), the brightness, contrast, saturation factors and
 # grey (0/1)
 N_PARAMS = 10
+Size = int | torch.Tensor  # one image size for the batch, or a float tensor (n,) of them
 _GRID_MODE = {"bilinear": "bilinear", "bicubic": "bicubic", "nearest": "nearest"}
 
 
@@ -55,8 +57,9 @@ class BatchAugment:
     std: tuple[float, ...]
     interpolation: str = "bilinear"
 
-    def sample(self, n: int, height: int, width: int, g: torch.Generator) -> torch.Tensor:
-        """Parameters of ``n`` random views of ``height`` x ``width`` images: (n, N_PARAMS)."""
+    def sample(self, n: int, height: Size, width: Size, g: torch.Generator) -> torch.Tensor:
+        """Parameters of ``n`` random views of ``height`` x ``width`` images (one size for all,
+        or a float tensor (n,) each: images of several sizes): (n, N_PARAMS)."""
         aug = self.aug
         if aug.crop_mode == "rrc":
             box = _rrc_boxes(n, height, width, aug.scale, aug.ratio, g)
@@ -69,13 +72,18 @@ class BatchAugment:
         return torch.cat([box, flips.float(), jitter.clamp_min(0), grey.float()], dim=1)
 
     def apply(
-        self, images: torch.Tensor, params: torch.Tensor, index: torch.Tensor | None = None
+        self,
+        images: torch.Tensor | Ragged,
+        params: torch.Tensor,
+        index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Views of uint8 ``images`` (N, C, H, W), or of ``images[index]``, given by
-        ``params``: normalised float32. Images larger than the view are cut and resized one by
-        one on a CPU (no copy of the whole images); otherwise the batch is resampled at once."""
-        h, w = images.shape[-2:]
-        if images.device.type == "cpu" and h * w > self.size**2:
+        """Views of uint8 ``images`` (N, C, H, W) or Ragged, or of ``images[index]``, given by
+        ``params``: normalised float32. Images larger than the view, or of several sizes, are
+        cut and resized one by one on a CPU (no copy of the whole images); otherwise the batch
+        is resampled at once."""
+        if isinstance(images, Ragged) or (
+            images.device.type == "cpu" and images.shape[-2] * images.shape[-1] > self.size**2
+        ):
             rows = index.tolist() if index is not None else range(len(images))
             x = _resize_each(images, rows, params, self.size, self.interpolation)
             x = x.float().div_(255)
@@ -94,14 +102,20 @@ class BatchAugment:
 
 
 def _resize_each(
-    images: torch.Tensor, rows: Sequence[int], params: torch.Tensor, size: int, mode: str
+    images: torch.Tensor | Ragged, rows: Sequence[int], params: torch.Tensor, size: int, mode: str
 ) -> torch.Tensor:
     """Box ``i`` of ``params`` cut from the uint8 image ``images[rows[i]]`` (rounded to whole
     pixels, zeros where it extends past the image, as timm's RandomCropOrPad pads) and resized
     to ``size`` by torch's uint8 kernels, then flipped: uint8 (len(rows), C, size, size)."""
-    _, c, height, width = images.shape
+    if isinstance(images, Ragged):
+        heights, widths = images.sizes(torch.as_tensor(list(rows), dtype=torch.long))
+        c = images[rows[0]].shape[0] if len(rows) else 3
+    else:
+        _, c, h, w = images.shape
+        heights, widths = torch.full((len(rows),), float(h)), torch.full((len(rows),), float(w))
     out = torch.empty(len(rows), c, size, size, dtype=torch.uint8)
-    boxes = params[:, :4].double() * torch.tensor([width, height, width, height])
+    scale = torch.stack([widths, heights, widths, heights], 1).double()
+    boxes = params[:, :4].double() * scale
     bw, bh = boxes[:, 2].round().clamp_min(1), boxes[:, 3].round().clamp_min(1)
     left = (boxes[:, 0] - bw / 2).round()
     top = (boxes[:, 1] - bh / 2).round()
@@ -110,9 +124,11 @@ def _resize_each(
     if mode != "nearest":
         interp["align_corners"] = False
     for i, (row, (top, lft, h, w)) in enumerate(zip(rows, pixel_boxes, strict=True)):
+        image = images[row]
+        height, width = image.shape[1:]
         t0, l0 = max(top, 0), max(lft, 0)
         t1, l1 = min(top + h, height), min(lft + w, width)
-        crop = images[row, :, t0:t1, l0:l1]
+        crop = image[:, t0:t1, l0:l1]
         if (t1 - t0, l1 - l0) != (h, w):  # a box past the edges: zero padding
             pad = (l0 - lft, lft + w - l1, t0 - top, top + h - t1)
             crop = F.pad(crop, tuple(max(p, 0) for p in pad))
@@ -156,19 +172,24 @@ def _boxes(top: torch.Tensor, left: torch.Tensor, bh: torch.Tensor, bw: torch.Te
     return torch.stack([(left + bw / 2) / w, (top + bh / 2) / h, bw / w, bh / h], dim=1)
 
 
-def _rrc_boxes(n, height, width, scale, ratio, g, tries: int = 10) -> torch.Tensor:
+def _rrc_boxes(n, height: Size, width: Size, scale, ratio, g, tries: int = 10) -> torch.Tensor:
     """torchvision's RandomResizedCrop.get_params, for ``n`` images at once."""
-    area = height * width
+    several = torch.is_tensor(height)  # a size per image
+    hh, ww = (height[:, None], width[:, None]) if several else (height, width)
+    area = hh * ww
     target = area * (scale[0] + (scale[1] - scale[0]) * torch.rand(n, tries, generator=g))
     lo, hi = math.log(ratio[0]), math.log(ratio[1])
     aspect = torch.exp(lo + (hi - lo) * torch.rand(n, tries, generator=g))
     bw = torch.sqrt(target * aspect).round()
     bh = torch.sqrt(target / aspect).round()
-    ok = (bw > 0) & (bw <= width) & (bh > 0) & (bh <= height)
+    ok = (bw > 0) & (bw <= ww) & (bh > 0) & (bh <= hh)
     first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((n,), -1))
     # fallback when no try fits: the whole image, cropped to the nearest allowed ratio
     in_ratio = width / height
-    if in_ratio < min(ratio):
+    if several:
+        fw = torch.where(in_ratio > max(ratio), (height * max(ratio)).round(), width)
+        fh = torch.where(in_ratio < min(ratio), (width / min(ratio)).round(), height)
+    elif in_ratio < min(ratio):
         fw, fh = width, round(width / min(ratio))
     elif in_ratio > max(ratio):
         fw, fh = round(height * max(ratio)), height
@@ -176,18 +197,21 @@ def _rrc_boxes(n, height, width, scale, ratio, g, tries: int = 10) -> torch.Tens
         fw, fh = width, height
     rows = torch.arange(n)
     pick = first.clamp_min(0)
-    bw = torch.where(first >= 0, bw[rows, pick], torch.tensor(float(fw)))
-    bh = torch.where(first >= 0, bh[rows, pick], torch.tensor(float(fh)))
+    bw = torch.where(first >= 0, bw[rows, pick], torch.as_tensor(fw, dtype=torch.float32))
+    bh = torch.where(first >= 0, bh[rows, pick], torch.as_tensor(fh, dtype=torch.float32))
     u = torch.rand(n, 2, generator=g)
     top = torch.where(first >= 0, (u[:, 0] * (height - bh + 1)).floor(), (height - bh) // 2)
     left = torch.where(first >= 0, (u[:, 1] * (width - bw + 1)).floor(), (width - bw) // 2)
     return _boxes(top, left, bh, bw, height, width)
 
 
-def _rkr_boxes(n, height, width, size, aug: AugmentConfig, g) -> torch.Tensor:
+def _rkr_boxes(n, height: Size, width: Size, size, aug: AugmentConfig, g) -> torch.Tensor:
     """timm's ResizeKeepRatio (random scale and aspect, each with probability 0.5) followed by
     RandomCropOrPad (``rkrr``) or CenterCropOrPad (``rkrc``), as a box in the source image."""
-    ratio = min(height / size, width / size)
+    if torch.is_tensor(height):
+        ratio = torch.minimum(height / size, width / size)
+    else:
+        ratio = min(height / size, width / size)
     u = torch.rand(n, 6, generator=g)
     s_lo, s_hi = aug.scale
     factor = torch.where(u[:, 0] < 0.5, 1 / torch.sqrt(s_lo + (s_hi - s_lo) * u[:, 1]), 1.0)

@@ -1,9 +1,11 @@
 """The in-memory data path: decode a dataset once into one uint8 tensor, keep it on disk
 between runs, and serve batches augmented on whole tensors (no per-image worker processes).
 
-Chosen by ``data.in_memory`` (auto: when the images fit the memory budget, the training images
-all have one size and the augmentation runs on batches). Training images are stored as decoded;
-val images are stored after the eval resize/crop (deterministic), so only normalisation remains.
+Chosen by ``data.in_memory`` (auto: when the images fit the memory budget and the augmentation
+runs on batches; over the budget they are memory-mapped from the cache folder). Training images
+are stored as decoded (JPEGs at the reduced scale of ``data.jpeg_draft``): in one (N, 3, H, W)
+tensor when they share a size, else back to back in a ``Ragged`` store; val images are stored
+after the eval resize/crop (deterministic, one size), so only normalisation remains.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from tlkd.data.batch_aug import BatchAugment, normalize
 from tlkd.data.datasets import LabeledImages
+from tlkd.data.ragged import Ragged
 from tlkd.run.rundir import replacing
 
 CACHE_VERSION = 1
@@ -139,27 +142,48 @@ def load_images(
     workers: int,
     log: Callable[[str], None] = print,
     mapped: bool = False,
-) -> torch.Tensor:
+    ragged: bool = False,
+) -> torch.Tensor | Ragged:
     """``ds`` as one uint8 (N, 3, H, W) tensor, from ``cache_dir`` when decoded before.
     ``pil_tf`` (a deterministic PIL transform, e.g. the eval resize/crop) runs before storing.
     ``mapped``: the tensor is the cache file memory-mapped (copy-on-write), not read into
     memory, and decoding writes straight into that file: data larger than the memory budget
-    (needs a usable ``cache_dir``). Raises NotUniform when the images differ in size."""
+    (needs a usable ``cache_dir``). Images of several sizes raise NotUniform, or with
+    ``ragged`` are decoded again into a Ragged store (cached and mapped alike)."""
     key = _file_key(ds, tag)
     path = cache_dir / "images" / f"{key}.npy" if key and cache_dir is not None else None
     if mapped and path is None:
         raise ValueError("a memory-mapped dataset needs a file-backed dataset and a cache folder")
-    if path is not None and path.exists():
-        try:
-            return _read(path, mapped)
-        except (OSError, ValueError):  # torn or foreign file: decode again
-            pass
+    stores = [(path, _read), (_ragged_paths(path)[0], _read_ragged)] if path else []
+    for found, read in stores[: 2 if ragged else 1]:
+        if found is not None and found.exists():
+            try:
+                return read(found, mapped)
+            except (OSError, ValueError):  # torn or foreign file: decode again
+                pass
     if len(ds) == 0:
         return torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
     log(
         f"decoding {len(ds)} images {'to a memory-mapped file' if mapped else 'into memory'}"
         + (f" (cache {path})" if path else "")
     )
+    try:
+        return _load_uniform(ds, pil_tf, path, workers, log, mapped)
+    except NotUniform as err:
+        if not ragged:
+            raise
+        log(f"the images differ in size ({err}): decoding them again, each at its own size")
+        return _load_ragged(ds, pil_tf, path, workers, log, mapped)
+
+
+def _load_uniform(
+    ds: LabeledImages,
+    pil_tf: Callable | None,
+    path: Path | None,
+    workers: int,
+    log: Callable[[str], None],
+    mapped: bool,
+) -> torch.Tensor:
     if not mapped:
         out = _decode(ds, pil_tf, workers, lambda shape: np.empty(shape, np.uint8))
         if path is not None:
@@ -198,6 +222,77 @@ def _read(path: Path, mapped: bool) -> torch.Tensor:
     return torch.from_numpy(np.load(path, mmap_mode="c" if mapped else None, allow_pickle=False))
 
 
+def _ragged_paths(path: Path) -> tuple[Path, Path]:
+    """The index and data files of the Ragged store cached under the name of ``path``."""
+    return path.with_suffix(".ragged.npy"), path.with_suffix(".ragged.u8")
+
+
+def _read_ragged(index_path: Path, mapped: bool) -> Ragged:
+    index = np.load(index_path, allow_pickle=False)
+    data_path = index_path.with_suffix(".u8")
+    total = int((index[:, 1] * index[:, 2] * index[:, 3]).sum())
+    if index.ndim != 2 or index.shape[1] != 4 or os.path.getsize(data_path) != total:
+        raise ValueError(f"{data_path} does not match its index")
+    # "c": copy-on-write pages, as _read
+    data = np.memmap(data_path, np.uint8, "c") if mapped else np.fromfile(data_path, np.uint8)
+    return Ragged(torch.from_numpy(data), torch.from_numpy(index))
+
+
+def _load_ragged(
+    ds: LabeledImages,
+    pil_tf: Callable | None,
+    path: Path | None,
+    workers: int,
+    log: Callable[[str], None],
+    mapped: bool,
+) -> Ragged:
+    """``ds`` decoded image by image, each at its own size, written back to back: into the
+    cache folder when there is one (read back whole, or memory-mapped), else in memory."""
+    rows: list[tuple[int, int, int, int]] = []
+    offset = 0
+
+    def record(arr: np.ndarray) -> np.ndarray:
+        nonlocal offset
+        chw = np.ascontiguousarray(arr.transpose(2, 0, 1))
+        rows.append((offset, *chw.shape))
+        offset += chw.size
+        return chw
+
+    if path is None:
+        chunks = [record(arr) for arr in _arrays(ds, pil_tf, workers)]
+        data = np.concatenate([c.reshape(-1) for c in chunks]) if chunks else np.zeros(0, np.uint8)
+        return Ragged(torch.from_numpy(data), torch.tensor(rows, dtype=torch.long))
+    index_path, data_path = _ragged_paths(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # the data first, then the index: a store is complete when its index exists
+        with replacing(data_path, durable=False) as tmp, open(tmp, "wb") as f:
+            for arr in _arrays(ds, pil_tf, workers):
+                f.write(record(arr).tobytes())
+        with replacing(index_path, durable=False) as tmp, open(tmp, "wb") as f:
+            np.save(f, np.asarray(rows, dtype=np.int64), allow_pickle=False)
+    except OSError as err:
+        if mapped:
+            raise
+        log(f"warning: could not cache the decoded images in {path.parent}: {err.strerror}")
+        return _load_ragged(ds, pil_tf, None, workers, log, mapped)
+    return _read_ragged(index_path, mapped)
+
+
+def _arrays(ds: LabeledImages, pil_tf: Callable | None, workers: int) -> Iterator[np.ndarray]:
+    """Every image of ``ds`` as an (H, W, 3) uint8 array, in order, decoded by ``workers``."""
+    # its own generator: decoding (done or found in the cache) must not move the global RNG,
+    # or what is initialised after it (heads of objectives, discriminators) would differ
+    # between a run that decodes and one that reads the cache
+    loader = DataLoader(
+        _Decoded(ds, pil_tf), batch_size=256, num_workers=workers, collate_fn=_as_list,
+        generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    for batch in loader:
+        for arr in batch:
+            yield np.repeat(arr[:, :, None], 3, axis=2) if arr.ndim == 2 else arr
+
+
 def _decode(
     ds: LabeledImages,
     pil_tf: Callable | None,
@@ -206,25 +301,13 @@ def _decode(
 ) -> np.ndarray:
     """Every image of ``ds`` into one (N, 3, H, W) uint8 array made by ``create(shape)`` when
     the first image gives the shape."""
-    # its own generator: decoding (done or found in the cache) must not move the global RNG,
-    # or what is initialised after it (heads of objectives, discriminators) would differ
-    # between a run that decodes and one that reads the cache
-    loader = DataLoader(
-        _Decoded(ds, pil_tf), batch_size=256, num_workers=workers, collate_fn=_as_list,
-        generator=torch.Generator().manual_seed(0),
-    )  # fmt: skip
     out: np.ndarray | None = None
-    pos = 0
-    for batch in loader:
-        for arr in batch:
-            if arr.ndim == 2:
-                arr = np.repeat(arr[:, :, None], 3, axis=2)
-            if out is None:
-                out = create((len(ds), arr.shape[2], arr.shape[0], arr.shape[1]))
-            if arr.shape != (out.shape[2], out.shape[3], out.shape[1]):
-                raise NotUniform(f"{arr.shape[1]}x{arr.shape[0]} and {out.shape[3]}x{out.shape[2]}")
-            out[pos] = arr.transpose(2, 0, 1)
-            pos += 1
+    for pos, arr in enumerate(_arrays(ds, pil_tf, workers)):
+        if out is None:
+            out = create((len(ds), arr.shape[2], arr.shape[0], arr.shape[1]))
+        if arr.shape != (out.shape[2], out.shape[3], out.shape[1]):
+            raise NotUniform(f"{arr.shape[1]}x{arr.shape[0]} and {out.shape[3]}x{out.shape[2]}")
+        out[pos] = arr.transpose(2, 0, 1)
     assert out is not None
     return out
 
@@ -237,7 +320,7 @@ class MemoryLoader:
     (its state at the epoch start replays the epoch's augmentation on resume) and ``len``.
     """
 
-    images: torch.Tensor  # uint8 (N, 3, H, W)
+    images: torch.Tensor | Ragged  # uint8 (N, 3, H, W), or of several sizes (training only)
     targets: torch.Tensor  # int64 (N,)
     sampler: Sequence[int] | torch.utils.data.Sampler
     batch_size: int
@@ -260,11 +343,18 @@ class MemoryLoader:
 
     def views(self, idx: torch.Tensor, params: torch.Tensor | None = None) -> torch.Tensor:
         """The batch ``idx`` as model input; random views unless ``params`` fixes them."""
-        if self.augment is not None and self.device == self.images.device:
+        images = self.images
+        if isinstance(images, Ragged):  # cut on the host, the batch copied to the device
+            assert self.augment is not None, "a Ragged store holds training images"
             if params is None:
-                h, w = self.images.shape[2:]
+                h, w = images.sizes(idx)
                 params = self.augment.sample(len(idx), h, w, self.generator)
-            return self.augment.apply(self.images, params, idx)
+            return self.augment.apply(images, params, idx).to(self.device, non_blocking=True)
+        if self.augment is not None and self.device == images.device:
+            if params is None:
+                h, w = images.shape[2:]
+                params = self.augment.sample(len(idx), h, w, self.generator)
+            return self.augment.apply(images, params, idx)
         x = self.images[idx.to(self.images.device)]
         if x.device != self.device:  # host images for an accelerator: one copy per batch
             x = x.pin_memory().to(self.device, non_blocking=True)
@@ -282,11 +372,14 @@ class MemoryLoader:
 DEVICE_FRACTION = 0.25  # of the accelerator's free memory the images may take there
 
 
-def to_device(images: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+def to_device(images: list[torch.Tensor | Ragged], device: torch.device) -> list:
     """``images`` moved onto ``device`` (a GPU) when together they take at most
     DEVICE_FRACTION of its free memory (the rest is the model's, its teachers' and the
     activations'), so batches are gathered and augmented there with no copy per step; else as
-    they are (host memory, copied a batch at a time)."""
+    they are (host memory, copied a batch at a time). A Ragged store stays on the host (its
+    views are cut there, image by image)."""
+    if any(isinstance(x, Ragged) for x in images):
+        return [x if isinstance(x, Ragged) else to_device([x], device)[0] for x in images]
     if device.type != "cuda" or all(x.device == device for x in images):
         return images
     free, _ = torch.cuda.mem_get_info(device)

@@ -17,6 +17,7 @@ from tlkd.data import decode, memory
 from tlkd.data.batch_aug import BatchAugment, unsupported
 from tlkd.data.catalog import SMALL_IMAGE_DATASETS
 from tlkd.data.datasets import LabeledImages, Splits
+from tlkd.data.ragged import Ragged
 from tlkd.engine import distributed
 from tlkd.engine.distributed import GlobalBatchSampler
 from tlkd.errors import ConfigError
@@ -193,7 +194,8 @@ def build_loaders(
         where = "memory-mapped from the cache folder" if mapped else "in memory"
         if train_images.device.type == "cuda":
             where = f"in {train_images.device} memory"
-        return Loaders(train, val, mean, std, True, f"{where} ({size_mb:.0f} MiB, uint8)")
+        kind = "uint8, of several sizes" if isinstance(train_images, Ragged) else "uint8"
+        return Loaders(train, val, mean, std, True, f"{where} ({size_mb:.0f} MiB, {kind})")
     workers = cfg.data.num_workers if cfg.data.num_workers is not None else default_workers()
     train_files = _drafted(cfg.data, splits.train)
     common = dict(
@@ -268,7 +270,9 @@ def _in_memory(
         workers = data.num_workers if data.num_workers is not None else default_workers()
 
         def load() -> tuple[torch.Tensor, torch.Tensor]:
-            train = memory.load_images(train_ds, None, train_tag, cache, workers, log, mapped)
+            train = memory.load_images(
+                train_ds, None, train_tag, cache, workers, log, mapped, ragged=True
+            )
             val = memory.load_images(
                 splits.val, pil_eval, f"eval|{pil_eval!r}", cache, workers, log, mapped
             )
@@ -322,7 +326,7 @@ def extra_loader(
         try:
             if train:
                 store, tag = _train_store(cfg.data, ds)
-                images = memory.load_images(store, None, tag, cache, workers, log)
+                images = memory.load_images(store, None, tag, cache, workers, log, ragged=True)
                 (images,) = memory.to_device([images], device)
                 augment = BatchAugment(
                     cfg.data.augment, cfg.data.image_size, mean, std, cfg.data.interpolation

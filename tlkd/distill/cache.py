@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tlkd.data.memory import MemoryLoader
+from tlkd.data.ragged import Ragged
 from tlkd.distill.teacher import Teacher
 from tlkd.engine.device import autocast
 from tlkd.run.rundir import replacing
@@ -99,9 +100,15 @@ def build_bank(
     aug = loader.augment
     assert aug is not None
     images = loader.images
-    n, _, height, width = images.shape
+    n = len(images)
+    if isinstance(images, Ragged):  # a size per image, repeated for its views
+        height, width = (s.repeat_interleave(views) for s in images.sizes())
+        stored_as: tuple[torch.Tensor, ...] = (images.data, images.index)
+    else:
+        height, width = images.shape[2:]
+        stored_as = (images,)
     data_key = digest(
-        images, aug.aug.model_dump_json(), aug.size, aug.interpolation, aug.mean, aug.std
+        *stored_as, aug.aug.model_dump_json(), aug.size, aug.interpolation, aug.mean, aug.std
     )
     params_key = digest(data_key, views, seed)
     stored = cache_dir is not None
