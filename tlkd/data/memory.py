@@ -230,8 +230,9 @@ def _ragged_paths(path: Path) -> tuple[Path, Path]:
 def _read_ragged(index_path: Path, mapped: bool) -> Ragged:
     index = np.load(index_path, allow_pickle=False)
     data_path = index_path.with_suffix(".u8")
-    total = int((index[:, 1] * index[:, 2] * index[:, 3]).sum())
-    if index.ndim != 2 or index.shape[1] != 4 or os.path.getsize(data_path) != total:
+    if index.ndim != 2 or index.shape[1] != 4:
+        raise ValueError(f"{index_path} is not an index of images")
+    if os.path.getsize(data_path) != int((index[:, 1] * index[:, 2] * index[:, 3]).sum()):
         raise ValueError(f"{data_path} does not match its index")
     # "c": copy-on-write pages, as _read
     data = np.memmap(data_path, np.uint8, "c") if mapped else np.fromfile(data_path, np.uint8)
