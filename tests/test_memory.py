@@ -251,6 +251,23 @@ def test_a_folder_of_several_sizes_trains_in_memory_and_mapped_alike(
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_no_room_for_a_ragged_store_falls_back_at_once(tmp_path, monkeypatch):
+    """A cache disk without room for images of several sizes: memory-mapping fails before
+    any decoding (the run then takes loader workers); in memory they are kept uncached."""
+    import shutil
+
+    root = _mixed_folder(tmp_path / "imgs")
+    ds = _dataset(root)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10, 10, 0))
+    logs: list[str] = []
+    with pytest.raises(OSError, match="No space left"):
+        memory.load_images(ds, None, "t", tmp_path / "cache", 0, logs.append, True, ragged=True)
+    assert not list((tmp_path / "cache" / "images").glob("*.ragged.*"))
+    store = memory.load_images(ds, None, "t", tmp_path / "cache", 0, logs.append, ragged=True)
+    assert isinstance(store, Ragged) and len(store) == 9
+    assert "could not cache the decoded images" in logs[-1]
+
+
 def test_loader_replays_an_epoch_from_its_generator_state(tmp_path):
     x = _images(n=20, size=16)
     aug = BatchAugment(AugmentConfig(), 16, MEAN, STD)

@@ -10,8 +10,10 @@ after the eval resize/crop (deterministic, one size), so only normalisation rema
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import shutil
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -266,6 +268,9 @@ def _load_ragged(
     index_path, data_path = _ragged_paths(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        # no room for them (judged by the first image): fail now, not after decoding for hours
+        if shutil.disk_usage(path.parent).free < estimate_bytes(ds, pil_tf):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         # the data first, then the index: a store is complete when its index exists
         with replacing(data_path, durable=False) as tmp, open(tmp, "wb") as f:
             for arr in _arrays(ds, pil_tf, workers):
