@@ -11,6 +11,8 @@
     folder224mem  the same folders on the in-memory path: in memory and memory-mapped
     folder224mixed  a folder of JPEGs of four sizes: loader workers against the in-memory path
     folder224pair  mobilenetv3 at 224 px: the ceiling, then workers and in-memory right after
+    augment_cost  ms per image of the in-memory views at 224 px: per image vs one grid_sample
+    inproc224   the in-memory path against a fixed batch inside one process (no drift between)
     mixed_accuracy  the same kind of folder: test top-1 of both paths (resnet20, 64 px, 2 seeds)
     kd          tlkd distill against a hand-written KD loop doing the same work
     cache56     the 4-run resnet56 -> resnet20 sweep, live teacher vs distill.cache
@@ -29,6 +31,8 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+import yaml
 
 from bench.__main__ import (
     PY,
@@ -273,6 +277,94 @@ def mixed_accuracy(ctx) -> dict:
             })  # fmt: skip
         accs = [x["val_top1"] for x in rows]
         out[name] = {"runs": rows, "mean": statistics.mean(accs), "std": statistics.stdev(accs)}
+    return out
+
+
+def augment_cost(ctx) -> dict:
+    """ms per image of the in-memory path's training views at 224 px (rrc, flip; batch 32;
+    2 threads): cut and resized per image (what a CPU runs now) against one grid_sample over
+    the gathered float batch (what it ran before, and what accelerators run), median of 10."""
+    import torch
+
+    from tlkd.config.schema import AugmentConfig
+    from tlkd.data.batch_aug import BatchAugment, _resample_batch
+
+    torch.set_num_threads(2)
+    aug = BatchAugment(AugmentConfig(crop_mode="rrc", hflip=0.5, color_jitter=0.0), 224,
+                       (0.5,) * 3, (0.25,) * 3)  # fmt: skip
+    out = {}
+    for h, w in ((375, 500), (750, 1000)):
+        store = torch.randint(0, 256, (500, 3, h, w), dtype=torch.uint8)
+        g = torch.Generator().manual_seed(0)
+        times: dict[str, list[float]] = {"per_image": [], "grid_sample_batch": []}
+        for _ in range(12):
+            idx = torch.randint(0, len(store), (32,), generator=g)
+            params = aug.sample(32, h, w, g)
+            t0 = time.perf_counter()
+            aug.apply(store, params, idx)
+            t1 = time.perf_counter()
+            _resample_batch(store[idx].float().div_(255), params, 224, "bilinear")
+            t2 = time.perf_counter()
+            times["per_image"].append((t1 - t0) / 32 * 1e3)
+            times["grid_sample_batch"].append((t2 - t1) / 32 * 1e3)
+        out[f"{w}x{h}"] = {k: _stats(v[2:]) for k, v in times.items()}
+    return out
+
+
+def inproc224(ctx) -> dict:
+    """The in-memory path's cost inside one process, where this host's drift cannot come
+    between the two sides: K training steps on one fixed batch, then K on the loader's live
+    batches, alternating 4 times (the model, loader and settings tlkd builds for the config;
+    the step a plain forward/backward/AdamW update). Folders: 500 px JPEGs, and four sizes."""
+    import torch
+
+    from tlkd.config import load_config
+    from tlkd.recipes.build import build_experiment
+
+    tmp, out = ctx["tmp"], {}
+    val = large_jpegs(500, 2)
+    for folder, train in (("src500", large_jpegs(500)), ("mixed", mixed_jpegs())):
+        for model, k in (("mobilenetv3_small_100", 12), ("resnet18", 4)):
+            cfg = tlkd_config(
+                tmp, f"i{folder}{model}", train, val, model={"name": model, "pretrained": False},
+                data__image_size=224, data__crop_pct=0.875, data__in_memory=True,
+                data__augment={"policy": "light"}, train__batch_size=32,
+            )  # fmt: skip
+            path = tmp / f"i{folder}{model}.yaml"
+            path.write_text(yaml.safe_dump(cfg))
+            torch.set_num_threads(2)
+            exp = build_experiment(load_config(str(path), []), log=lambda m: None)
+            loader, net = exp.loaders.train, exp.model.train()
+            opt = torch.optim.AdamW(net.parameters(), 1e-3)
+
+            def step(x, y, net=net, opt=opt):
+                loss = torch.nn.functional.cross_entropy(net(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+
+            fx, fy = next(iter(loader))
+            step(fx, fy)
+            fixed, live = [], []
+            batches = iter(())
+            for _ in range(4):
+                t0 = time.perf_counter()
+                for _ in range(k):
+                    step(fx, fy)
+                fixed.append(k * 32 / (time.perf_counter() - t0))
+                t0 = time.perf_counter()
+                for _ in range(k):
+                    batch = next(batches, None)
+                    if batch is None:
+                        batches = iter(loader)
+                        batch = next(batches)
+                    step(*batch)
+                live.append(k * 32 / (time.perf_counter() - t0))
+            out[f"{folder}_{model}"] = {
+                "fixed_img_s": _stats(fixed), "live_img_s": _stats(live),
+                "ratio": statistics.median(live) / statistics.median(fixed),
+                "data_path": exp.loaders.note,
+            }  # fmt: skip
     return out
 
 
@@ -566,6 +658,8 @@ COMPARISONS = {
     "folder224mem": folder224mem,
     "folder224mixed": folder224mixed,
     "folder224pair": folder224pair,
+    "augment_cost": augment_cost,
+    "inproc224": inproc224,
     "mixed_accuracy": mixed_accuracy,
     "kd": kd,
     "cache56": cache56,
