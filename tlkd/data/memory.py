@@ -16,7 +16,7 @@ import os
 import shutil
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -169,23 +169,35 @@ def load_images(
         f"decoding {len(ds)} images {'to a memory-mapped file' if mapped else 'into memory'}"
         + (f" (cache {path})" if path else "")
     )
+    job = _Decoding(ds, pil_tf, path, workers, log, mapped)
     try:
-        return _load_uniform(ds, pil_tf, path, workers, log, mapped)
+        return _load_uniform(job)
     except NotUniform as err:
         if not ragged:
             raise
         log(f"the images differ in size ({err}): decoding them again, each at its own size")
-        return _load_ragged(ds, pil_tf, path, workers, log, mapped)
+        return _load_ragged(job)
 
 
-def _load_uniform(
-    ds: LabeledImages,
-    pil_tf: Callable | None,
-    path: Path | None,
-    workers: int,
-    log: Callable[[str], None],
-    mapped: bool,
-) -> torch.Tensor:
+@dataclass(frozen=True)
+class _Decoding:
+    """What load_images decodes, and where to: the cache file ``path`` (None: memory only)."""
+
+    ds: LabeledImages
+    pil_tf: Callable | None
+    path: Path | None
+    workers: int
+    log: Callable[[str], None]
+    mapped: bool
+
+
+def _fields_of(job: _Decoding) -> tuple:
+    """The fields of ``job`` in order (dataclasses.astuple would deep-copy the dataset)."""
+    return tuple(getattr(job, f.name) for f in fields(job))
+
+
+def _load_uniform(job: _Decoding) -> torch.Tensor:
+    ds, pil_tf, path, workers, log, mapped = _fields_of(job)
     if not mapped:
         out = _decode(ds, pil_tf, workers, lambda shape: np.empty(shape, np.uint8))
         if path is not None:
@@ -241,16 +253,10 @@ def _read_ragged(index_path: Path, mapped: bool) -> Ragged:
     return Ragged(torch.from_numpy(data), torch.from_numpy(index))
 
 
-def _load_ragged(
-    ds: LabeledImages,
-    pil_tf: Callable | None,
-    path: Path | None,
-    workers: int,
-    log: Callable[[str], None],
-    mapped: bool,
-) -> Ragged:
-    """``ds`` decoded image by image, each at its own size, written back to back: into the
+def _load_ragged(job: _Decoding) -> Ragged:
+    """``job.ds`` decoded image by image, each at its own size, written back to back: into the
     cache folder when there is one (read back whole, or memory-mapped), else in memory."""
+    ds, pil_tf, path, workers, log, mapped = _fields_of(job)
     rows: list[tuple[int, int, int, int]] = []
     offset = 0
 
@@ -281,7 +287,7 @@ def _load_ragged(
         if mapped:
             raise
         log(f"warning: could not cache the decoded images in {path.parent}: {err.strerror}")
-        return _load_ragged(ds, pil_tf, None, workers, log, mapped)
+        return _load_ragged(replace(job, path=None))
     return _read_ragged(index_path, mapped)
 
 
