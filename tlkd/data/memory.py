@@ -16,7 +16,7 @@ import os
 import shutil
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -191,14 +191,9 @@ class _Decoding:
     mapped: bool
 
 
-def _fields_of(job: _Decoding) -> tuple:
-    """The fields of ``job`` in order (dataclasses.astuple would deep-copy the dataset)."""
-    return tuple(getattr(job, f.name) for f in fields(job))
-
-
 def _load_uniform(job: _Decoding) -> torch.Tensor:
-    ds, pil_tf, path, workers, log, mapped = _fields_of(job)
-    if not mapped:
+    ds, pil_tf, path, workers, log = job.ds, job.pil_tf, job.path, job.workers, job.log
+    if not job.mapped:
         out = _decode(ds, pil_tf, workers, lambda shape: np.empty(shape, np.uint8))
         if path is not None:
             try:
@@ -256,7 +251,7 @@ def _read_ragged(index_path: Path, mapped: bool) -> Ragged:
 def _load_ragged(job: _Decoding) -> Ragged:
     """``job.ds`` decoded image by image, each at its own size, written back to back: into the
     cache folder when there is one (read back whole, or memory-mapped), else in memory."""
-    ds, pil_tf, path, workers, log, mapped = _fields_of(job)
+    ds, pil_tf, path, workers = job.ds, job.pil_tf, job.path, job.workers
     rows: list[tuple[int, int, int, int]] = []
     offset = 0
 
@@ -284,11 +279,11 @@ def _load_ragged(job: _Decoding) -> Ragged:
         with replacing(index_path, durable=False) as tmp, open(tmp, "wb") as f:
             np.save(f, np.asarray(rows, dtype=np.int64), allow_pickle=False)
     except OSError as err:
-        if mapped:
+        if job.mapped:
             raise
-        log(f"warning: could not cache the decoded images in {path.parent}: {err.strerror}")
+        job.log(f"warning: could not cache the decoded images in {path.parent}: {err.strerror}")
         return _load_ragged(replace(job, path=None))
-    return _read_ragged(index_path, mapped)
+    return _read_ragged(index_path, job.mapped)
 
 
 def _arrays(ds: LabeledImages, pil_tf: Callable | None, workers: int) -> Iterator[np.ndarray]:

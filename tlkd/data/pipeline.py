@@ -224,19 +224,16 @@ def _drafted(data: DataConfig, ds: LabeledImages) -> LabeledImages:
     every sampled view needs (tlkd/data/decode.py), unless ``data.jpeg_draft`` is off. Eval
     views are always decoded whole: evaluate, predict and the in-memory path score the same
     pixels."""
-    if not data.jpeg_draft:
-        return ds
-    side = decode.needed_side(data.image_size, data.crop_pct, data.augment)
-    return decode.with_draft(ds, side)
+    return _train_store(data, ds)[0]
 
 
 def _train_store(data: DataConfig, ds: LabeledImages) -> tuple[LabeledImages, str]:
-    """Training images as the in-memory path stores them (JPEGs reduced like the loader
-    workers', ``_drafted``: less memory and a cheaper cut per view), with their cache tag."""
+    """``_drafted``'s images with the in-memory path's cache tag for them (the store keeps the
+    JPEGs reduced like the loader workers': less memory and a cheaper cut per view)."""
     if not data.jpeg_draft:
         return ds, "train"
     side = decode.needed_side(data.image_size, data.crop_pct, data.augment)
-    return _drafted(data, ds), f"train|draft{side}"
+    return decode.with_draft(ds, side), f"train|draft{side}"
 
 
 def _in_memory(
