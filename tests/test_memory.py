@@ -75,22 +75,25 @@ def _smooth(n=3, h=60, w=80, seed=0):
     return (x.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
-def test_views_of_large_images_match_pil_crop_and_resize():
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
+def test_views_of_large_images_parity_with_pil_crop_and_resize(mode):
     """Images larger than the view are cut and resized one by one (CPU): each view equals
-    PIL's crop + antialiased bilinear resize, timm's per-image path, to a grey level."""
+    PIL's crop + antialiased resize, timm's per-image path (timm/data/transforms.py
+    RandomResizedCropAndInterpolation: ``F.resized_crop`` on a PIL image), to a grey level."""
     from PIL import Image
 
     x = _smooth()
-    aug = BatchAugment(AugmentConfig(color_jitter=0.0), 24, (0, 0, 0), (1, 1, 1))
+    aug = BatchAugment(AugmentConfig(color_jitter=0.0), 24, (0, 0, 0), (1, 1, 1), mode)
     boxes = [(10, 4, 40, 30), (0, 0, 80, 60), (33, 17, 47, 43)]  # left, top, width, height
     params = _identity(3)
     for i, (left, top, bw, bh) in enumerate(boxes):
         params[i, :4] = torch.tensor([(left + bw / 2) / 80, (top + bh / 2) / 60, bw / 80, bh / 60])
     params[2, 4] = 1  # the last one mirrored
     out = (aug.apply(x, params) * 255).round()
+    resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}[mode]
     for i, (left, top, bw, bh) in enumerate(boxes):
         pil = Image.fromarray(x[i].permute(1, 2, 0).numpy())
-        ref = pil.crop((left, top, left + bw, top + bh)).resize((24, 24), Image.BILINEAR)
+        ref = pil.crop((left, top, left + bw, top + bh)).resize((24, 24), resample)
         if i == 2:
             ref = ref.transpose(Image.FLIP_LEFT_RIGHT)
         ref = torch.from_numpy(np.array(ref)).permute(2, 0, 1).float()
@@ -175,6 +178,40 @@ def test_a_size_per_image_samples_like_one_size_and_keeps_boxes_inside():
     assert aspect[drawn].min() > 0.7 and aspect[drawn].max() < 1.4
     area = p[:, 2] * p[:, 3]
     assert area[drawn].min() > 0.25 and area[drawn].max() < 0.95
+
+
+def test_rrc_boxes_parity_with_torchvision_get_params():
+    """The boxes drawn for images of several sizes follow torchvision's
+    RandomResizedCrop.get_params (torchvision/transforms/transforms.py, which timm's rrc
+    calls) for each size: area fraction, log aspect and position, by their means and spreads
+    over 4,000 draws (the two draw from different random streams)."""
+    from torchvision.transforms import RandomResizedCrop
+
+    scale, ratio = (0.08, 1.0), (3 / 4, 4 / 3)
+    aug = BatchAugment(AugmentConfig(scale=scale, ratio=ratio), 16, MEAN, STD)
+    sizes = [(30, 40), (300, 100), (64, 64)]
+    n = 4000
+    h = torch.tensor([float(a) for a, _ in sizes]).repeat_interleave(n)
+    w = torch.tensor([float(b) for _, b in sizes]).repeat_interleave(n)
+    ours = aug.sample(len(h), h, w, torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    for k, (height, width) in enumerate(sizes):
+        img = torch.zeros(1, height, width)
+        ref = torch.tensor([RandomResizedCrop.get_params(img, scale, ratio) for _ in range(n)])
+        top, left, bh, bw = ref.double().unbind(1)
+        theirs = torch.stack(
+            [(left + bw / 2) / width, (top + bh / 2) / height, bw / width, bh / height], 1
+        )
+        mine = ours[k * n : (k + 1) * n, :4].double()
+        for stat in (
+            lambda b: b[:, 2] * b[:, 3],  # area fraction
+            lambda b, hw=height / width: torch.log(b[:, 2] / b[:, 3] / hw),  # pixel aspect
+            lambda b: b[:, 0],  # centre x
+            lambda b: b[:, 1],  # centre y
+        ):
+            a, b = stat(mine), stat(theirs)
+            assert abs(a.mean() - b.mean()) < 0.025, (sizes[k], a.mean(), b.mean())
+            assert abs(a.std() - b.std()) < 0.025, (sizes[k], a.std(), b.std())
 
 
 def _mixed_folder(root):
